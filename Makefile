@@ -1,0 +1,38 @@
+# alignlab: `make run` and `make test` each create/refresh .venv, install everything, then run.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch: the CPU build. Here it comes from the machine's local wheel cache; elsewhere from PyTorch's CPU index.
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
+
+.PHONY: install run test bench lint sft clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q "$(TORCH)" || $(PIP) install -q "$(TORCH)" --index-url https://download.pytorch.org/whl/cpu
+	$(PIP) install -q --no-build-isolation "deepspeed==0.19.8"   # its setup.py imports torch: use ours
+	$(PIP) install -q -e ".[dev]"
+	@rm -f $(VENV)/.installed-*; touch $@
+
+run: install   ## the embedded quickstart: base eval + 3 rounds of DPO-R1 (N=8)
+	$(VENV)/bin/alignlab experiment=quickstart $(ARGS)
+
+test: install  ## the test suite (pytest exit code 5, "no tests", fails too)
+	$(PY) -m pytest -q -p no:cacheprovider $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check alignlab tests experiments
+
+bench: install ## writes experiments/perf/results.json
+	$(PY) experiments/perf/bench.py
+
+sft: install   ## rebuild the embedded tiny checkpoint (alignlab/assets/tiny_arith), ~25 min on 2 cores
+	$(VENV)/bin/alignlab experiment=sft_base
+
+clean:
+	rm -rf $(VENV) outputs multirun

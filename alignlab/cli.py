@@ -1,0 +1,123 @@
+"""The ``alignlab`` console script.
+
+``alignlab [overrides]`` runs an experiment (Hydra app over conf/config.yaml);
+``alignlab eval model=<hf dir> eval=math_suite [eval.limit=k]`` evaluates one checkpoint;
+``alignlab report <dir>...`` turns runs and sweeps into tables and plots;
+``alignlab dynamics ...`` runs the tabular IPO/DPO dynamics simulator.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("WANDB_MODE", "offline")  # never online unless logger.mode=online is asked for
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+log = logging.getLogger("alignlab")
+
+
+def _hydra_app(config_name: str, fn):
+    import hydra
+
+    import alignlab.config  # noqa: F401 - registers the structured schemas in Hydra's ConfigStore
+
+    return hydra.main(config_path=CONF_DIR, config_name=config_name, version_base=None)(fn)
+
+
+def _run(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from alignlab import config as C
+    from alignlab import runner
+
+    hc = HydraConfig.get()
+    choices = C.choices_of(hc)
+    if cfg.get("stage") == "sft_base":
+        from alignlab.models.sft_base import train_sft_base
+
+        train_sft_base(**cfg.sft_base)
+        return
+    out = runner.resolve_out_dir(cfg, hc.runtime.output_dir)
+    try:
+        runner.run(cfg, out, choices)
+    except C.ConfigError as e:
+        log.error("config error: %s", e)
+        sys.exit(2)
+
+
+def _eval(cfg) -> None:
+    import json
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from alignlab import config as C
+    from alignlab.models import load_tokenizer
+    from alignlab.records import atomic_write_text
+
+    choices = C.choices_of(HydraConfig.get())
+    try:
+        for g in ("model", "generation", "eval"):
+            C.validate_node(g, cfg[g], choices)
+        spec, gen, evaluator = (C.build(g, cfg[g], choices) for g in ("model", "generation", "eval"))
+        spec.check_exists()
+    except (C.ConfigError, FileNotFoundError) as e:
+        log.error("config error: %s", e)
+        sys.exit(2)
+    out = Path(cfg.out_dir or HydraConfig.get().runtime.output_dir)
+    tok = load_tokenizer(spec.directory)
+    res = evaluator.evaluate(str(spec.directory), gen, spec, tok, None)
+    table = res.get("benchmarks") or {"heldout": {k: res[k] for k in ("accuracy", "n", "se")}}
+    atomic_write_text(out / "eval.json", json.dumps(table, indent=1))
+    fmt = getattr(evaluator, "format_table", None)
+    print(fmt(res) if fmt else json.dumps(table, indent=1))
+
+
+def model_dir_override(arg: str) -> str:
+    """``model=<hf dir>`` -> ``model=<its config choice> model.path=<dir>``.
+
+    A checkpoint written by alignlab carries ``alignlab_model.json`` naming the model config it
+    was trained with (its prompt conventions); any other directory uses ``model=hf_dir``.
+    """
+    import json
+
+    if not arg.startswith("model=") or "/" not in arg and not Path(arg[6:]).is_dir():
+        return arg
+    path = Path(arg[6:])
+    choice = "hf_dir"
+    meta = path / "alignlab_model.json"
+    if meta.exists():
+        choice = json.loads(meta.read_text()).get("config", "hf_dir")
+    return f"model={choice}\nmodel.path={path.resolve()}"
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "datasets", "DeepSpeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    sub = sys.argv[1] if len(sys.argv) > 1 else ""
+    if sub == "report":
+        from alignlab.report import main as report_main
+
+        sys.exit(report_main(sys.argv[2:]))
+    if sub == "dynamics":
+        from alignlab.dynamics.cli import main as dyn_main
+
+        sys.argv = [sys.argv[0] + " dynamics"] + sys.argv[2:]
+        dyn_main()
+        return
+    if sub == "eval":
+        args = [x for a in sys.argv[2:] for x in model_dir_override(a).split("\n")]
+        sys.argv = [sys.argv[0] + " eval"] + args
+        _hydra_app("eval", _eval)()
+        return
+    _hydra_app("config", _run)()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Config schemas and validation: fail before any work, naming the key and the yaml file.
+
+Top-level keys have a dataclass schema in Hydra's ConfigStore (``run_schema``). Each group's
+node is checked against a schema derived from its ``_target_`` class's ``__init__`` signature
+(the class is the single source of truth for its knobs): unknown keys and wrong types fail
+through OmegaConf's structured-config validation; impossible values fail in the constructor,
+which every component keeps cheap (no model loading) so that building all of them up front is
+the validation pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from hydra.utils import get_class, instantiate
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+GROUPS = ("model", "data", "generation", "sampler", "verifier", "pair_builder", "selector", "loss", "reference",
+          "trainer", "eval", "logger")
+
+
+@dataclass
+class RunSchema:
+    experiment_name: str = MISSING
+    seed: int = 0
+    rounds: int = 3
+    resume: bool = False
+    base_eval: bool = True
+    out_dir: str | None = None
+    threads: int = 0
+    model: Any = MISSING
+    data: Any = MISSING
+    generation: Any = MISSING
+    sampler: Any = MISSING
+    verifier: Any = MISSING
+    pair_builder: Any = MISSING
+    selector: Any = MISSING
+    loss: Any = MISSING
+    reference: Any = MISSING
+    trainer: Any = MISSING
+    eval: Any = MISSING
+    logger: Any = MISSING
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes carried into summary.json
+    stage: str | None = None  # "sft_base" runs the warm-start script instead of rounds
+    sft_base: Any = None
+
+
+ConfigStore.instance().store(name="run_schema", node=RunSchema)
+
+
+class ConfigError(ValueError):
+    """A bad configuration, found before any work started."""
+
+
+def _where(group: str, choices: dict[str, str]) -> str:
+    choice = choices.get(group)
+    return f" (conf/{group}/{choice}.yaml)" if choice else ""
+
+
+def _schema_for(cls: type) -> type:
+    """A dataclass mirroring ``cls.__init__``'s parameters (types and defaults) plus ``_target_``."""
+    hints = typing.get_type_hints(cls.__init__)
+    fields: list[tuple] = [("_target_", str, dataclasses.field(default=f"{cls.__module__}.{cls.__qualname__}"))]
+    for name, p in inspect.signature(cls.__init__).parameters.items():
+        if name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        tp = _omegaconf_type(hints.get(name, Any))
+        default = MISSING if p.default is inspect.Parameter.empty else p.default
+        if isinstance(default, (list, dict)):
+            fields.append((name, tp, dataclasses.field(default_factory=lambda d=default: d)))
+        else:
+            fields.append((name, tp, dataclasses.field(default=default)))
+    return dataclasses.make_dataclass(f"{cls.__name__}Schema", fields)
+
+
+def _omegaconf_type(tp: Any) -> Any:
+    """Keep the types OmegaConf can check (primitives, Optional of them); anything else is Any."""
+    prims = (int, float, str, bool)
+    if tp in prims:
+        return tp
+    args = typing.get_args(tp)
+    if args and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1 and rest[0] in prims:
+            return rest[0] | None
+        return Any
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        return Any  # lists stay unchecked by type but must still be lists of something
+    return Any
+
+
+def validate_node(group: str, node: DictConfig, choices: dict[str, str]) -> None:
+    where = _where(group, choices)
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        raise ConfigError(f"{group}: missing `_target_`{where}")
+    try:
+        cls = get_class(node._target_)
+    except Exception as e:  # noqa: BLE001 - any import failure is a config error
+        raise ConfigError(f"{group}._target_: cannot import {node._target_!r}{where}: {e}") from e
+    try:
+        OmegaConf.merge(OmegaConf.structured(_schema_for(cls)), node)
+    except OmegaConfBaseException as e:
+        key = f"{group}.{e.full_key}" if getattr(e, "full_key", None) else group
+        raise ConfigError(f"{key}: {e.msg if hasattr(e, 'msg') else e}{where}") from None
+
+
+def build(group: str, node: DictConfig, choices: dict[str, str], **kwargs: Any) -> Any:
+    """Instantiate a group's component, turning constructor ValueErrors into named config errors."""
+    try:
+        return instantiate(node, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        cause = e
+        while getattr(cause, "__cause__", None) is not None and not isinstance(cause, (ValueError, TypeError)):
+            cause = cause.__cause__
+        raise ConfigError(f"{group}: {cause}{_where(group, choices)}") from None
+
+
+def validate_top(cfg: DictConfig) -> None:
+    if cfg.rounds < 0:
+        raise ConfigError(f"rounds must be >= 0, got {cfg.rounds}")
+    if cfg.threads < 0:
+        raise ConfigError(f"threads must be >= 0, got {cfg.threads}")
+
+
+def choices_of(hydra_cfg: Any) -> dict[str, str]:
+    try:
+        return {k: v for k, v in hydra_cfg.runtime.choices.items() if v is not None}
+    except Exception:  # noqa: BLE001 - outside a Hydra app
+        return {}

@@ -1,0 +1,88 @@
+"""Model loading (the ``model`` config group): any Hugging Face causal-LM directory.
+
+The embedded tiny model and Qwen2.5 go through the very same code: ``from_pretrained`` on a
+directory, the tokenizer's chat template for prompts, safetensors only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+
+
+def resolve_path(path: str) -> Path:
+    """``pkg://x`` means a path inside the installed alignlab package (the embedded checkpoint)."""
+    if path.startswith("pkg://"):
+        return PACKAGE_ROOT / path[len("pkg://"):]
+    return Path(path).expanduser()
+
+
+@dataclass
+class ModelSpec:
+    """``model``: where the weights live and how a problem becomes a chat prompt."""
+
+    path: str
+    name: str = ""
+    system_prompt: str | None = None
+    prompt_template: str = "{problem}"
+    refine_template: str = ("{problem}\nPrevious attempt:\n{attempt}\nThe correct final answer is {answer}. "
+                            "Write a corrected solution.")
+    dtype: str = "float32"
+    max_prompt_tokens: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if "{problem}" not in self.prompt_template:
+            raise ValueError("prompt_template must contain '{problem}'")
+
+    @property
+    def directory(self) -> Path:
+        return resolve_path(self.path)
+
+    def check_exists(self) -> None:
+        d = self.directory
+        if not (d / "config.json").exists():
+            raise FileNotFoundError(f"model.path: no Hugging Face model directory at {d} (config.json missing)")
+
+    def messages(self, content: str) -> list[dict[str, str]]:
+        msgs = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return msgs + [{"role": "user", "content": content}]
+
+    def render(self, tokenizer, problem: str) -> str:
+        """The full prompt text (chat template + generation prompt) for one problem."""
+        content = self.prompt_template.format(problem=problem)
+        return tokenizer.apply_chat_template(self.messages(content), tokenize=False, add_generation_prompt=True)
+
+    def render_refine(self, tokenizer, problem: str, attempt: str, answer: str) -> str:
+        content = self.refine_template.format(problem=problem, attempt=attempt, answer=answer)
+        return tokenizer.apply_chat_template(self.messages(content), tokenize=False, add_generation_prompt=True)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(resolve_path(str(path))))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """Load a causal LM from a directory; safetensors only (no pickle)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(resolve_path(str(path))), dtype=dtype, use_safetensors=True)
+    return model.to(device)
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

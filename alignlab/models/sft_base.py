@@ -1,0 +1,103 @@
+"""Supervised warm start of the embedded tiny model (``alignlab experiment=sft_base``).
+
+Trains the BPE tokenizer and a small Llama from scratch on arithmetic solutions in which a
+documented share carries a flawed habit (see alignlab.data.arith), plus hindsight-refinement
+examples (problem + failed attempt + gold answer -> corrected solution) so that PACE's
+refinement format works on the embedded task. Deterministic given the seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from alignlab.data import arith
+from alignlab.models import ModelSpec
+from alignlab.models.tiny import build_model, build_tokenizer
+from alignlab.train.batching import collate, encode, response_logps
+
+
+def flawed_solution(p: arith.ArithProblem, rng: random.Random, skip_rate: dict[int, float], slip_rate: float) -> str:
+    skip = len(p.steps) >= 2 and rng.random() < skip_rate[len(p.steps)]
+    slip = any(" loses " in s.sentence for s in p.steps) and rng.random() < slip_rate
+    return arith.solution(p, skip_last=skip, slip_loses=slip)
+
+
+def sft_examples(n: int, seed: int, spec: ModelSpec, tok, skip_rate: dict[int, float], slip_rate: float,
+                 refine_share: float) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    out = []
+    for p in arith.generate(n, "train", seed=10_000 + seed):
+        if rng.random() < refine_share:
+            bad = arith.solution(p, skip_last=len(p.steps) >= 2, slip_loses=False)
+            if rng.random() < 0.5 and any(" loses " in s.sentence for s in p.steps):
+                bad = arith.solution(p, slip_loses=True)
+            out.append((spec.render_refine(tok, p.text, bad, str(p.answer)), arith.solution(p)))
+        else:
+            out.append((spec.render(tok, p.text), flawed_solution(p, rng, skip_rate, slip_rate)))
+    return out
+
+
+def train_sft_base(out_dir: str, steps: int = 1200, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
+                   hidden: int = 192, layers: int = 4, heads: int = 6, intermediate: int = 512,
+                   skip_rate: dict | None = None, slip_rate: float = 0.5, refine_share: float = 0.15,
+                   examples: int = 60_000, log_every: int = 50) -> Path:
+    torch.manual_seed(seed)
+    skip_rate = {int(k): float(v) for k, v in (skip_rate or {2: 0.3, 3: 0.5, 4: 0.65}).items()}
+    spec = ModelSpec(path=out_dir)
+    corpus_problems = arith.generate(3000, "train", seed=seed)
+    corpus = []
+    for p in corpus_problems:
+        corpus.append(p.text + "\n" + arith.solution(p))
+    tok = build_tokenizer(corpus + ["<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n<|im_start|>system\n"
+                                    "Previous attempt: The correct final answer is . Write a corrected solution."])
+    data = sft_examples(examples, seed, spec, tok, skip_rate, slip_rate, refine_share)
+    enc = [encode(tok, p, r, max_len=256) for p, r in data]
+    model = build_model(len(tok), hidden=hidden, layers=layers, heads=heads, intermediate=intermediate, seed=seed,
+                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    rng = random.Random(seed)
+    order: list[int] = []
+    t0 = time.time()
+    model.train()
+    for step in range(steps):
+        if len(order) < batch_size:
+            order = list(range(len(enc)))
+            rng.shuffle(order)
+        idx, order = order[:batch_size], order[batch_size:]
+        ids, attn, tmask = collate([enc[i] for i in idx], tok.pad_token_id)
+        lp, n = response_logps(model, ids, attn, tmask)
+        loss = -(lp.sum() / n.sum())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % log_every == 0 or step == steps - 1:
+            print(f"sft step {step:5d} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} {time.time() - t0:.0f}s",
+                  flush=True)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    (out / "sft_base.json").write_text(json.dumps({
+        "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "skip_rate": skip_rate,
+        "slip_rate": slip_rate, "refine_share": refine_share, "examples": examples,
+        "params": sum(p.numel() for p in model.parameters()), "train_seconds": round(time.time() - t0, 1)},
+        indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    kw = dict(a.split("=", 1) for a in sys.argv[2:])
+    train_sft_base(sys.argv[1], **{k: (float(v) if "." in v else int(v)) for k, v in kw.items()})

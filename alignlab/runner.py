@@ -1,0 +1,315 @@
+"""The iterative-round runner: sample -> verify -> build pairs -> select -> train -> evaluate.
+
+One function over stages. Each stage reads the previous stage's artifact and writes its own
+atomically, so a restarted run (``resume=true`` or the same output dir) skips every complete
+stage and a kill at any point loses at most the stage in flight. A stage's ledger entry is
+written before its artifact: a stage that is redone overwrites its entry, never adds twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from alignlab import config as C
+from alignlab.models import ModelSpec, count_params, load_tokenizer
+from alignlab.pairs import group_by_problem
+from alignlab.records import Pair, Problem, Rollout, Selected, atomic_write_text, is_complete, read_jsonl, write_jsonl
+from alignlab.sampling import SampleContext
+
+log = logging.getLogger("alignlab")
+LEDGER_KEYS = ("prompts", "samples", "generated_tokens", "trained_tokens", "flops", "wall_s")
+
+
+def build_components(cfg: DictConfig, choices: dict[str, str]) -> dict[str, Any]:
+    """Validate and build every group's component; cheap, so a bad config fails before any work."""
+    C.validate_top(cfg)
+    for g in C.GROUPS:
+        C.validate_node(g, cfg[g], choices)
+    comps = {g: C.build(g, cfg[g], choices) for g in C.GROUPS}
+    spec: ModelSpec = comps["model"]
+    if not (spec.directory / "config.json").exists():
+        raise C.ConfigError(f"model.path: no Hugging Face model directory at {spec.directory} "
+                            f"(config.json missing){C._where('model', choices)}")
+    return comps
+
+
+class Ledger:
+    """Per-round compute ledger, one entry per stage, persisted next to the round's artifacts."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.stages: dict[str, dict[str, float]] = json.loads(path.read_text()) if path.exists() else {}
+
+    def record(self, stage: str, **cost: float) -> None:
+        self.stages[stage] = cost
+        atomic_write_text(self.path, json.dumps(self.stages, indent=1))
+
+    def totals(self) -> dict[str, float]:
+        tot = {k: 0.0 for k in LEDGER_KEYS}
+        for cost in self.stages.values():
+            for k in LEDGER_KEYS:
+                tot[k] += cost.get(k, 0.0)
+        out: dict[str, Any] = {k: (int(v) if k not in ("flops", "wall_s") else float(v)) for k, v in tot.items()}
+        out["stage_wall_s"] = {s: round(c.get("wall_s", 0.0), 3) for s, c in self.stages.items()}
+        return out
+
+
+def jsonl_stage(path: Path, cls: type, ledger: Ledger, name: str, compute: Callable[[], tuple[list, dict]]) -> list:
+    """Load ``path`` if complete; otherwise compute, record its cost, then write atomically."""
+    if is_complete(path):
+        return read_jsonl(path, cls)
+    if path.exists():
+        log.warning("%s is incomplete (left by a crash): regenerating it", path)
+    t0 = time.time()
+    records, cost = compute()
+    ledger.record(name, wall_s=time.time() - t0, **cost)
+    write_jsonl(path, records)
+    return records
+
+
+def json_stage(path: Path, compute: Callable[[], dict], ledger: Ledger | None = None, name: str = "") -> dict:
+    if path.exists():
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            log.warning("%s is corrupt: regenerating it", path)
+    t0 = time.time()
+    result = compute()
+    if ledger is not None:
+        ledger.record(name, wall_s=time.time() - t0)
+    atomic_write_text(path, json.dumps(result, indent=1))
+    return result
+
+
+def checkpoint_key(model_dir: str | Path) -> str:
+    """Cheap identity of a checkpoint (path, config, weight file sizes and mtimes)."""
+    d = Path(model_dir)
+    parts = [str(d.resolve())]
+    for f in sorted(d.glob("*")):
+        if f.suffix in (".json", ".safetensors"):
+            st = f.stat()
+            parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()
+
+
+def pairs_key(pairs: list[Pair]) -> str:
+    h = hashlib.sha1()
+    for p in pairs:
+        h.update(json.dumps([p.prompt, p.chosen, p.rejected]).encode())
+    return h.hexdigest()
+
+
+def rollout_diagnostics(problems: list[Problem], rollouts: list[Rollout]) -> dict[str, float]:
+    """Entropy / collapse diagnostics from the round's samples (pass@k, distinct answers, entropy)."""
+    groups = group_by_problem([r for r in rollouts if r.source == "policy"])
+    pass_k, rate, distinct, ent, finished = [], [], [], [], []
+    for p in problems:
+        rs = groups.get(p.id, [])
+        if not rs:
+            continue
+        v = [bool(r.verdict) for r in rs]
+        pass_k.append(any(v))
+        rate.append(sum(v) / len(v))
+        distinct.append(len({r.extracted for r in rs}))
+        ent += [r.meta.get("entropy", 0.0) for r in rs]
+        finished += [bool(r.meta.get("finished", True)) for r in rs]
+    mean = lambda xs: float(sum(xs) / len(xs)) if xs else 0.0  # noqa: E731
+    return {"pass_at_k": mean(pass_k), "mean_pass_rate": mean(rate), "distinct_answers": mean(distinct),
+            "token_entropy": mean(ent), "finished_rate": mean(finished),
+            "all_correct": mean([r == 1.0 for r in rate]), "all_wrong": mean([r == 0.0 for r in rate])}
+
+
+def resolve_out_dir(cfg: DictConfig, hydra_out: str | None) -> Path:
+    out = Path(cfg.out_dir or hydra_out or f"outputs/{cfg.experiment_name}/run")
+    if cfg.resume and not any(out.glob("round_*")) and not (out / "base_eval.json").exists():
+        runs = sorted((p.parent for p in out.parent.parent.glob("*/*/.hydra")), key=lambda p: p.stat().st_mtime)
+        unfinished = [p for p in runs if p != out and not (p / "summary.json").exists()
+                      and ((p / "base_eval.json").exists() or any(p.glob("round_*")))]
+        if unfinished:
+            log.info("resume=true: continuing %s", unfinished[-1])
+            return unfinished[-1]
+    return out
+
+
+def run(cfg: DictConfig, out_dir: Path, choices: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run (or resume) an experiment in ``out_dir``; returns the summary dict (also summary.json)."""
+    choices = choices or {}
+    comps = build_components(cfg, choices)
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    spec: ModelSpec = comps["model"]
+    data, gen, sampler, verifier = comps["data"], comps["generation"], comps["sampler"], comps["verifier"]
+    pair_builder, selector, loss, reference = comps["pair_builder"], comps["selector"], comps["loss"], comps["reference"]
+    trainer, evaluator, logger = comps["trainer"], comps["eval"], comps["logger"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    logger.start(out_dir, resolved, name=f"{cfg.experiment_name}-s{cfg.seed}")
+    try:
+        return _rounds(cfg, out_dir, spec, data, gen, sampler, verifier, pair_builder, selector, loss, reference,
+                       trainer, evaluator, logger)
+    finally:
+        logger.finish()
+        close = getattr(verifier, "close", None)
+        if close:
+            close()
+
+
+def _rounds(cfg, out_dir, spec, data, gen, sampler, verifier, pair_builder, selector, loss, reference, trainer,
+            evaluator, logger) -> dict[str, Any]:
+    base_dir = str(spec.directory)
+    tok = load_tokenizer(base_dir)
+    heldout = data.heldout()
+    from alignlab.models import load_model
+
+    n_params = count_params(load_model(base_dir, dtype=spec.torch_dtype))
+    summary: dict[str, Any] = {"experiment": cfg.experiment_name, "seed": int(cfg.seed), "params": n_params,
+                               "model": base_dir, "rounds": []}
+    if cfg.base_eval:
+        base = json_stage(out_dir / "base_eval.json", lambda: evaluator.evaluate(base_dir, gen, spec, tok, heldout))
+        summary["base"] = base
+        log.info("base accuracy %.3f ± %.3f (n=%d)", base["accuracy"], base["se"], base["n"])
+        logger.log({"eval/accuracy": base["accuracy"], "round": 0})
+    start_dir = base_dir
+    for k in range(1, cfg.rounds + 1):
+        rd = out_dir / f"round_{k}"
+        rd.mkdir(exist_ok=True)
+        ledger = Ledger(rd / "ledger.json")
+        ctx = SampleContext(start_dir, gen, spec, tok, verifier, seed=int(cfg.seed) * 1_000_003 + k)
+        problems = jsonl_stage(rd / "prompts.jsonl", Problem, ledger, "prompts",
+                               lambda: (data.train(k), {}))
+        gold = {p.id: p.answer for p in problems}
+
+        def do_sample():
+            rs = sampler.sample(problems, ctx)
+            return rs, {"prompts": len(problems), "samples": len(rs), "generated_tokens": sum(r.tokens for r in rs),
+                        "flops": 2.0 * n_params * sum(r.tokens for r in rs)}
+
+        rollouts = jsonl_stage(rd / "rollouts.jsonl", Rollout, ledger, "sample", do_sample)
+
+        def do_verify():
+            todo = [r for r in rollouts if r.verdict is None]
+            for r, v in zip(todo, verifier.check([r.text for r in todo], [gold[r.problem_id] for r in todo])):
+                r.verdict, r.extracted = v.correct, v.extracted
+                if v.true_correct is not None:
+                    r.meta["true_verdict"] = v.true_correct
+            return rollouts, {}
+
+        verdicts = jsonl_stage(rd / "verdicts.jsonl", Rollout, ledger, "verify", do_verify)
+        prompts = {p.id: spec.render(tok, p.prompt) for p in problems}
+        pairs = jsonl_stage(rd / "pairs.jsonl", Pair, ledger, "pairs",
+                            lambda: (pair_builder.build(problems, verdicts, prompts, seed=int(cfg.seed) + k), {}))
+        scorer = make_scorer(reference, base_dir, start_dir, trainer)
+        selected = jsonl_stage(rd / "selected.jsonl", Selected, ledger, "select",
+                               lambda: (selector.select(pairs, seed=int(cfg.seed) + k, scorer=scorer), {}))
+        train_pairs = [s.pair for s in selected]
+        ckpt = rd / "checkpoint"
+        if not (ckpt / "config.json").exists():
+            gen.release()
+            ref = _reference_logps(rd, ledger, reference, base_dir, start_dir, train_pairs, trainer, n_params)
+            t0 = time.time()
+            if train_pairs:
+                res = trainer.train(start_dir, train_pairs, ref, loss, ckpt, seed=int(cfg.seed) * 7919 + k,
+                                    logger=logger)
+                train_info = {"steps": res.steps, "trained_tokens": res.trained_tokens, **res.summary}
+            else:
+                log.warning("round %d: no pairs to train on; the policy is carried over unchanged", k)
+                shutil.copytree(start_dir, rd / "checkpoint.tmp", dirs_exist_ok=True)
+                (rd / "checkpoint.tmp").rename(ckpt)
+                train_info = {"steps": 0, "trained_tokens": 0}
+            ledger.record("train", wall_s=time.time() - t0, trained_tokens=train_info["trained_tokens"],
+                          flops=6.0 * n_params * train_info["trained_tokens"])
+            atomic_write_text(rd / "train.json", json.dumps(train_info, indent=1))
+        train_info = json.loads((rd / "train.json").read_text()) if (rd / "train.json").exists() else {}
+        ev = json_stage(rd / "eval.json", lambda: evaluator.evaluate(str(ckpt), gen, spec, tok, heldout))
+        diag = rollout_diagnostics(problems, verdicts)
+        chosen_true = [p.meta.get("chosen_true") for p in train_pairs]
+        fp = [c is False for c in chosen_true if c is not None]
+        entry = {"round": k, "eval": ev, "pairs": len(pairs), "selected": len(selected), "ledger": ledger.totals(),
+                 "diagnostics": diag, "train": train_info,
+                 "chosen_false_positive_rate": (sum(fp) / len(fp)) if fp else 0.0}
+        atomic_write_text(rd / "metrics.json", json.dumps(entry, indent=1))
+        summary["rounds"].append(entry)
+        logger.log({"round": k, "eval/accuracy": ev["accuracy"], "pairs": len(pairs), "selected": len(selected),
+                    **{f"ledger/{a}": b for a, b in entry["ledger"].items() if a in LEDGER_KEYS},
+                    **{f"diag/{a}": b for a, b in diag.items()},
+                    **{f"train_round/{a}": b for a, b in train_info.items() if isinstance(b, (int, float))}})
+        log.info("round %d: accuracy %.3f ± %.3f, pairs %d, selected %d", k, ev["accuracy"], ev["se"], len(pairs),
+                 len(selected))
+        start_dir = str(ckpt)
+    summary["final_accuracy"] = summary["rounds"][-1]["eval"]["accuracy"] if summary["rounds"] else None
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1))
+    logger.summary({"final_accuracy": summary["final_accuracy"]})
+    print(format_table(summary))
+    return summary
+
+
+def make_scorer(reference, base_dir: str, start_dir: str, trainer):
+    """Per-pair policy (this round's start) and reference log-probs, for score-based selectors."""
+
+    def scorer(pairs: list[Pair]) -> dict[str, list[float]]:
+        from alignlab.train.torch_trainer import reference_logps
+
+        max_len = getattr(trainer, "max_length", 1024)
+        pol = reference_logps(start_dir, pairs, max_len=max_len)
+        ref = reference.logps(base_dir, start_dir, lambda d: pol if d == start_dir else reference_logps(
+            d, pairs, max_len=max_len))
+        return {"policy_chosen": pol["chosen"], "policy_rejected": pol["rejected"], "ref_chosen": ref["chosen"],
+                "ref_rejected": ref["rejected"], "chosen_tokens": pol["chosen_tokens"],
+                "rejected_tokens": pol["rejected_tokens"]}
+
+    return scorer
+
+
+def _reference_logps(rd: Path, ledger: Ledger, reference, base_dir: str, start_dir: str, pairs: list[Pair], trainer,
+                     n_params: int) -> dict[str, list[float]]:
+    """Reference log-probs once per round, cached on disk by hash(reference checkpoint, pairs)."""
+    from alignlab.train.torch_trainer import reference_logps
+
+    pk = pairs_key(pairs)
+    forward_tokens = 0
+
+    def logps_of(model_dir: str) -> dict[str, list[float]]:
+        nonlocal forward_tokens
+        path = rd / f"ref_logps.{hashlib.sha1((checkpoint_key(model_dir) + pk).encode()).hexdigest()[:16]}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        res = reference_logps(model_dir, pairs, max_len=getattr(trainer, "max_length", 1024))
+        forward_tokens += int(sum(res["chosen_tokens"]) + sum(res["rejected_tokens"]))
+        atomic_write_text(path, json.dumps(res))
+        return res
+
+    t0 = time.time()
+    out = reference.logps(base_dir, start_dir, logps_of) if pairs else {"chosen": [], "rejected": []}
+    ledger.record("reference", wall_s=time.time() - t0, flops=2.0 * n_params * forward_tokens)
+    return out
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    rows = [("round", "accuracy", "pairs", "selected", "gen tokens", "trained tokens", "FLOPs", "wall s")]
+    if "base" in summary:
+        b = summary["base"]
+        rows.append(("base", f"{b['accuracy']:.3f} ± {b['se']:.3f}", "", "", "", "", "", ""))
+    for r in summary["rounds"]:
+        e, lg = r["eval"], r["ledger"]
+        rows.append((str(r["round"]), f"{e['accuracy']:.3f} ± {e['se']:.3f}", str(r["pairs"]), str(r["selected"]),
+                     str(lg["generated_tokens"]), str(lg["trained_tokens"]), f"{lg['flops']:.3g}",
+                     f"{lg['wall_s']:.1f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+__all__ = ["run", "build_components", "format_table", "asdict"]

@@ -1,0 +1,46 @@
+"""Samplers (the ``sampler`` config group): which responses to generate for a round's prompts.
+
+A sampler owns the exploration budget. It returns Rollout records (unverified) and may call
+the verifier itself when its strategy depends on verdicts (PACE refines only failed samples).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from alignlab.generation import Generator
+from alignlab.models import ModelSpec
+from alignlab.records import Problem, Rollout
+
+
+class SampleContext:
+    """What a sampler may use: the policy directory, generator, prompt renderer and verifier."""
+
+    def __init__(self, model_dir: str, generator: Generator, spec: ModelSpec, tokenizer, verifier, seed: int) -> None:
+        self.model_dir, self.generator, self.spec = model_dir, generator, spec
+        self.tokenizer, self.verifier, self.seed = tokenizer, verifier, seed
+
+    def sample(self, problems: list[Problem], n: int, seed_offset: int = 0, source: str = "policy") -> list[Rollout]:
+        prompts = [self.spec.render(self.tokenizer, p.prompt) for p in problems]
+        outs = self.generator.generate(self.model_dir, prompts, n, seed=self.seed + seed_offset)
+        return [Rollout(problem_id=p.id, text=s.text, tokens=s.tokens, logprob_sum=s.logprob_sum, source=source,
+                        sample_index=j, meta={"entropy": s.entropy, "finished": s.finished})
+                for p, samples in zip(problems, outs) for j, s in enumerate(samples)]
+
+
+class Sampler(Protocol):
+    n: int
+
+    def sample(self, problems: list[Problem], ctx: SampleContext) -> list[Rollout]: ...
+
+
+class BestOfNSampler:
+    """DPO-R1: N independent policy samples per prompt (temperature from the generator)."""
+
+    def __init__(self, n: int = 8) -> None:
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        self.n = n
+
+    def sample(self, problems: list[Problem], ctx: SampleContext) -> list[Rollout]:
+        return ctx.sample(problems, self.n)

@@ -1,0 +1,54 @@
+"""Tokenising (prompt, response) pairs and computing response log-probs.
+
+Prompt tokens never contribute: the response mask covers only the response tokens (and the
+end-of-turn token that closes them). Shared by SFT, the DPO trainers, scoring and eval.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Encoded:
+    ids: list[int]
+    prompt_len: int
+
+
+def encode(tokenizer, prompt: str, response: str, max_len: int = 1024) -> Encoded:
+    """Prompt text (already chat-rendered) + response + eos; truncated from the response end."""
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = (p + r)[:max_len]
+    return Encoded(ids, min(len(p), max_len))
+
+
+def collate(items: list[Encoded], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and a mask over *target* positions (B, T-1)."""
+    T = max(len(e.ids) for e in items)
+    ids = torch.full((len(items), T), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(items), T), dtype=torch.long)
+    tmask = torch.zeros((len(items), T - 1), dtype=torch.bool)
+    for i, e in enumerate(items):
+        n = len(e.ids)
+        ids[i, :n] = torch.tensor(e.ids)
+        attn[i, :n] = 1
+        tmask[i, e.prompt_len - 1: n - 1] = True
+    return ids, attn, tmask
+
+
+def token_logps(logits: Tensor, ids: Tensor) -> Tensor:
+    """Log-prob of each next token, (B, T-1), without materialising a full log-softmax copy."""
+    logits = logits[:, :-1].float()
+    tgt = ids[:, 1:]
+    return torch.gather(logits, 2, tgt.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def response_logps(model, ids: Tensor, attn: Tensor, tmask: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed response log-probs (B,) and response token counts (B,)."""
+    logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+    lp = token_logps(logits, ids) * tmask
+    return lp.sum(-1), tmask.sum(-1)

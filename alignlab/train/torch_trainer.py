@@ -1,0 +1,155 @@
+"""``trainer=torch``: single-process DPO-family training (AdamW, cosine, accumulation, clipping).
+
+Chosen and rejected go through one concatenated forward; batches are length-bucketed so that
+padding stays small; metrics come from tensors already on hand (one host sync per step).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from alignlab.losses import PairLogps
+from alignlab.models import load_model, load_tokenizer
+from alignlab.records import Pair
+from alignlab.train import NonFiniteLossError, TrainResult
+from alignlab.train.batching import Encoded, collate, encode, response_logps
+
+
+def encode_pairs(tok, pairs: list[Pair], max_len: int) -> list[tuple[Encoded, Encoded]]:
+    return [(encode(tok, p.prompt, p.chosen, max_len), encode(tok, p.prompt, p.rejected, max_len)) for p in pairs]
+
+
+def length_buckets(enc: list[tuple[Encoded, Encoded]], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Shuffle, then sort within windows of 16 batches by length: little padding, still random."""
+    order = list(range(len(enc)))
+    rng.shuffle(order)
+    window = batch_size * 16
+    batches = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w: w + window], key=lambda i: max(len(enc[i][0].ids), len(enc[i][1].ids)))
+        batches += [chunk[b: b + batch_size] for b in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def pair_forward(model, items: list[tuple[Encoded, Encoded]], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """One forward over [chosen..., rejected...]: summed log-probs and token counts of both."""
+    ids, attn, tmask = collate([c for c, _ in items] + [r for _, r in items], pad_id)
+    lp, n = response_logps(model, ids, attn, tmask)
+    B = len(items)
+    return lp[:B], lp[B:], n[:B], n[B:]
+
+
+@torch.no_grad()
+def reference_logps(model_dir: str | Path, pairs: list[Pair], max_len: int = 1024, batch_size: int = 64,
+                    dtype: torch.dtype = torch.float32) -> dict[str, list[float]]:
+    """Summed log-probs of chosen and rejected under a (frozen) model, computed once per round."""
+    model = load_model(model_dir, dtype=dtype).eval()
+    tok = load_tokenizer(model_dir)
+    enc = encode_pairs(tok, pairs, max_len)
+    order = sorted(range(len(enc)), key=lambda i: len(enc[i][0].ids) + len(enc[i][1].ids))
+    out = {k: [0.0] * len(enc) for k in ("chosen", "rejected", "chosen_tokens", "rejected_tokens")}
+    for b in range(0, len(order), batch_size):
+        idx = order[b: b + batch_size]
+        c, r, nc, nr = pair_forward(model, [enc[i] for i in idx], tok.pad_token_id)
+        for k, i in enumerate(idx):
+            out["chosen"][i], out["rejected"][i] = float(c[k]), float(r[k])
+            out["chosen_tokens"][i], out["rejected_tokens"][i] = int(nc[k]), int(nr[k])
+    return out
+
+
+class TorchTrainer:
+    """Plain PyTorch trainer; the reference for what the DeepSpeed trainer must reproduce."""
+
+    def __init__(self, lr: float = 1e-4, epochs: int = 2, batch_size: int = 16, grad_accum: int = 1,
+                 max_grad_norm: float = 1.0, warmup_ratio: float = 0.1, weight_decay: float = 0.0,
+                 max_length: int = 1024, max_grad_norm_abort: float = 1e6, log_every: int = 10,
+                 device: str = "auto") -> None:
+        for k, v in {"lr": lr, "epochs": epochs, "batch_size": batch_size, "grad_accum": grad_accum,
+                     "max_length": max_length}.items():
+            if v <= 0:
+                raise ValueError(f"{k} must be > 0, got {v}")
+        if not 0 <= warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        self.lr, self.epochs, self.batch_size, self.grad_accum = lr, epochs, batch_size, grad_accum
+        self.max_grad_norm, self.warmup_ratio, self.weight_decay = max_grad_norm, warmup_ratio, weight_decay
+        self.max_length, self.max_grad_norm_abort, self.log_every = max_length, max_grad_norm_abort, log_every
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+    def train(self, policy_dir: str | Path, pairs: list[Pair], ref_logps: dict[str, list[float]], loss,
+              out_dir: str | Path, seed: int, logger=None) -> TrainResult:
+        torch.manual_seed(seed)
+        rng = random.Random(seed)
+        model = load_model(policy_dir, device=self.device).train()
+        tok = load_tokenizer(policy_dir)
+        enc = encode_pairs(tok, pairs, self.max_length)
+        ref_c = torch.tensor(ref_logps["chosen"], dtype=torch.float32)
+        ref_r = torch.tensor(ref_logps["rejected"], dtype=torch.float32)
+        micro = [b for _ in range(self.epochs) for b in length_buckets(enc, self.batch_size, rng)]
+        total_steps = max(1, math.ceil(len(micro) / self.grad_accum))
+        opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        warm = int(self.warmup_ratio * total_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, warm, total_steps))
+        history: list[dict[str, float]] = []
+        trained_tokens, t0 = 0, time.time()
+        for step in range(total_steps):
+            group = micro[step * self.grad_accum: (step + 1) * self.grad_accum]
+            n_pairs = sum(len(b) for b in group)
+            sums: dict[str, torch.Tensor] = {}
+            for idx in group:
+                items = [enc[i] for i in idx]
+                pc, pr, nc, nr = pair_forward(model, items, tok.pad_token_id)
+                ix = torch.tensor(idx)
+                lp = PairLogps(pc, pr, ref_c[ix], ref_r[ix], nc, nr)
+                losses, metrics = loss(lp)
+                (losses.sum() / n_pairs).backward()
+                trained_tokens += sum(len(c.ids) + len(r.ids) for c, r in items)
+                metrics = {"loss": losses.detach(), **metrics}
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0) + v.detach().float().sum()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.max_grad_norm)
+            vals = {k: float(v) / n_pairs for k, v in sums.items()}  # the one host sync of the step
+            vals["grad_norm"] = float(gnorm)
+            if not math.isfinite(vals["loss"]) or not math.isfinite(vals["grad_norm"]) \
+                    or vals["grad_norm"] > self.max_grad_norm_abort:
+                raise NonFiniteLossError(
+                    f"step {step}: loss={vals['loss']}, grad_norm={vals['grad_norm']} (non-finite or above "
+                    f"trainer.max_grad_norm_abort={self.max_grad_norm_abort}). The round was stopped before saving; "
+                    f"the previous checkpoint is intact. Lower trainer.lr or loss.beta, then rerun with resume=true.")
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            vals.update(step=step, lr=sched.get_last_lr()[0])
+            history.append(vals)
+            if logger is not None and (step % self.log_every == 0 or step == total_steps - 1):
+                logger.log({f"train/{k}": v for k, v in vals.items()})
+        out = Path(out_dir)
+        save_checkpoint(model, tok, out)
+        summary = {k: sum(h[k] for h in history) / len(history) for k in history[0]} if history else {}
+        summary["train_seconds"] = time.time() - t0
+        return TrainResult(steps=total_steps, trained_tokens=trained_tokens, history=history, summary=summary)
+
+
+def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def save_checkpoint(model, tok, out: Path) -> None:
+    """Save as a HF directory atomically: write into ``<out>.tmp`` then rename."""
+    import shutil
+
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)

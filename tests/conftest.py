@@ -1,0 +1,39 @@
+"""Shared fixtures: the committed tiny checkpoint and a helper to run the CLI in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "alignlab" / "assets" / "tiny_arith"
+SHARED = ROOT.parent / "shared" / "data"
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Small settings that keep an end-to-end run to seconds.
+TINY_RUN = ["data.train_prompts=12", "data.eval_problems=12", "sampler.n=4", "generation.max_new_tokens=48",
+            "trainer.epochs=1", "trainer.batch_size=4", "logger=none", "threads=1"]
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Path:
+    assert (TINY / "config.json").exists(), "the embedded checkpoint is missing: run `make sft`"
+    return TINY
+
+
+def alignlab(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None,
+             check: bool = True) -> subprocess.CompletedProcess:
+    """Run the console script as a user would."""
+    e = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
+    res = subprocess.run([sys.executable, "-m", "alignlab.cli", *args], cwd=cwd or ROOT, capture_output=True,
+                         text=True, timeout=timeout, env=e)
+    if check and res.returncode != 0:
+        raise AssertionError(f"alignlab {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+    return res

@@ -1,0 +1,202 @@
+"""Each component of the foundation on the embedded task, with the real tiny model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from alignlab.data import arith
+from alignlab.eval import HeldoutEval, accuracy_se
+from alignlab.generation.hf import HFGenerator, uniform_noise
+from alignlab.losses import DPOLoss
+from alignlab.losses.reference import FixedReference, PreviousRoundReference
+from alignlab.models import ModelSpec, load_tokenizer
+from alignlab.pairs import BestWorstPairBuilder
+from alignlab.records import Pair, Problem, Rollout, Selected, is_complete, read_jsonl, write_jsonl
+from alignlab.sampling import BestOfNSampler, SampleContext
+from alignlab.select import FullSelector
+from alignlab.train.batching import collate, encode
+from alignlab.train.torch_trainer import TorchTrainer, reference_logps
+from alignlab.verify import ArithExactVerifier
+
+
+def test_arith_is_deterministic_and_splits_never_overlap():
+    a = arith.ArithDataset(train_prompts=300, eval_problems=300, seed=3)
+    assert [p.prompt for p in a.train(1)] == [p.prompt for p in arith.ArithDataset(300, 300, seed=3).train(1)]
+    assert [p.prompt for p in a.train(1)] != [p.prompt for p in a.train(2)]
+    train = {p.prompt for k in range(1, 4) for p in a.train(k)}
+    held = {p.prompt for p in a.heldout()}
+    assert len(held) == 300 and not train & held
+    assert {p.difficulty for p in a.heldout()} == set(arith.LEVELS)
+
+
+def test_arith_solution_steps_are_true_and_end_boxed():
+    for p in arith.generate(50, "train", seed=0):
+        sol = arith.solution(p)
+        assert sol.endswith(f"\\boxed{{{p.answer}}}.")
+        for line in sol.splitlines()[:-1]:
+            lhs, c = line.split(" = ")
+            a, op, b = lhs.split()
+            assert arith.apply(int(a), op, int(b)) == int(c)
+        assert len(sol.splitlines()) == len(p.steps) + 1
+        # the "stop early" habit boxes the penultimate value
+        assert arith.solution(p, skip_last=True).endswith(f"\\boxed{{{p.values()[-2]}}}.")
+
+
+def test_arith_difficulty_levels_scale_steps_and_operands():
+    for level, (steps, hi) in arith.LEVELS.items():
+        ps = arith.generate(30, "train", seed=1, levels=(level,))
+        assert all(len(p.steps) == steps and p.start <= hi and p.level == level for p in ps)
+
+
+def test_tokenizer_roundtrip_and_chat_template(tiny_dir):
+    tok = load_tokenizer(tiny_dir)
+    spec = ModelSpec(path=str(tiny_dir))
+    p = arith.generate(1, "train", seed=0)[0]
+    prompt = spec.render(tok, p.text)
+    assert prompt.startswith("<|im_start|>user\n") and prompt.endswith("<|im_start|>assistant\n")
+    text = arith.solution(p)
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    enc = encode(tok, prompt, text)
+    ids, attn, tmask = collate([enc], tok.pad_token_id)
+    # the target mask covers exactly the response tokens + the closing eos
+    assert int(tmask.sum()) == len(enc.ids) - enc.prompt_len
+
+
+def test_noise_is_a_pure_function_of_seed_step_token():
+    s = torch.tensor([1, 2, 3], dtype=torch.int64)
+    u = uniform_noise(s, 5, 100)
+    assert torch.equal(u[1], uniform_noise(torch.tensor([2]), 5, 100)[0])
+    assert (u > 0).all() and (u < 1).all() and abs(float(u.mean()) - 0.5) < 0.05
+    assert not torch.equal(u, uniform_noise(s, 6, 100))
+
+
+def test_hf_generation_reproducible_per_sample_whatever_the_batch(tiny_dir):
+    tok = load_tokenizer(tiny_dir)
+    spec = ModelSpec(path=str(tiny_dir))
+    prompts = [spec.render(tok, p.text) for p in arith.generate(6, "train", seed=0)]
+    big = HFGenerator(max_new_tokens=40, batch_size=64).generate(tiny_dir, prompts, 3, seed=7)
+    small = HFGenerator(max_new_tokens=40, batch_size=2).generate(tiny_dir, prompts[2:4], 3, seed=7)
+    assert [s.text for s in big[2] + big[3]] == [s.text for s in small[0] + small[1]]
+    other = HFGenerator(max_new_tokens=40).generate(tiny_dir, prompts, 3, seed=8)
+    assert [s.text for o in big for s in o] != [s.text for o in other for s in o]
+    s = big[0][0]
+    assert s.tokens > 0 and s.logprob_sum < 0 and s.entropy >= 0
+    greedy = HFGenerator(max_new_tokens=40).generate(tiny_dir, prompts[:2], 5, seed=1, greedy=True)
+    assert len(greedy[0]) == 1 and greedy[0][0].finished
+
+
+def test_top_p_keeps_only_the_nucleus():
+    g = HFGenerator(top_p=0.5)
+    logp = torch.log(torch.tensor([[0.6, 0.3, 0.1]] * 200))
+    picks = g._sample(logp, torch.arange(200, dtype=torch.int64), 0)
+    assert set(picks.tolist()) == {0}
+    g = HFGenerator(top_p=0.8)
+    picks = g._sample(logp, torch.arange(200, dtype=torch.int64), 0)
+    assert set(picks.tolist()) == {0, 1}
+
+
+def _ctx(tiny_dir, gen=None):
+    tok = load_tokenizer(tiny_dir)
+    spec = ModelSpec(path=str(tiny_dir))
+    return SampleContext(str(tiny_dir), gen or HFGenerator(max_new_tokens=48), spec, tok, ArithExactVerifier(), 0)
+
+
+def test_best_of_n_sampler_gives_n_samples_per_prompt(tiny_dir):
+    problems = arith.ArithDataset(train_prompts=5).train(1)
+    rs = BestOfNSampler(n=3).sample(problems, _ctx(tiny_dir))
+    assert len(rs) == 15 and {r.problem_id for r in rs} == {p.id for p in problems}
+    assert sorted(r.sample_index for r in rs if r.problem_id == problems[0].id) == [0, 1, 2]
+    with pytest.raises(ValueError, match="n must be"):
+        BestOfNSampler(n=0)
+
+
+def _rollouts():
+    mk = lambda pid, t, v: Rollout(pid, t, 3, -1.0, verdict=v)  # noqa: E731
+    return [mk("a", "a1", True), mk("a", "a2", False), mk("a", "a3", False),
+            mk("b", "b1", True), mk("b", "b2", True),  # all correct: no pair
+            mk("c", "c1", False), mk("c", "c2", False)]  # all wrong: no pair
+
+
+def test_best_worst_pairs_only_from_mixed_prompts():
+    probs = [Problem(x, x, "1") for x in "abc"]
+    pairs = BestWorstPairBuilder().build(probs, _rollouts(), {x: f"P{x}" for x in "abc"}, seed=0)
+    assert len(pairs) == 1
+    p = pairs[0]
+    assert (p.problem_id, p.prompt, p.chosen) == ("a", "Pa", "a1") and p.rejected in ("a2", "a3")
+    first = BestWorstPairBuilder(pick="first").build(probs, _rollouts(), {x: "" for x in "abc"}, seed=0)
+    assert first[0].rejected == "a2"
+
+
+def test_full_selector_keeps_everything():
+    pairs = [Pair("a", "p", "c", "r"), Pair("b", "p", "c", "r")]
+    assert [s.pair for s in FullSelector().select(pairs, seed=0)] == pairs
+
+
+def test_records_roundtrip_and_truncation_is_detected(tmp_path):
+    path = tmp_path / "x.jsonl"
+    sel = [Selected(Pair("a", "p", "c", "r", {"k": 1}), 0.5)]
+    write_jsonl(path, sel)
+    assert is_complete(path) and read_jsonl(path, Selected) == sel
+    path.write_text(path.read_text().splitlines()[0] + "\n")  # a crash mid-write
+    assert not is_complete(path)
+    with pytest.raises(FileNotFoundError):
+        read_jsonl(path, Selected)
+
+
+def test_references_pick_the_right_checkpoint():
+    of = lambda d: {"chosen": [len(d)], "rejected": [0.0]}  # noqa: E731
+    assert FixedReference().logps("base", "round_k_dir", of)["chosen"] == [4]
+    assert PreviousRoundReference().logps("base", "round_k_dir", of)["chosen"] == [11]
+
+
+def _pairs(tiny_dir, n=8):
+    tok = load_tokenizer(tiny_dir)
+    spec = ModelSpec(path=str(tiny_dir))
+    out = []
+    for p in arith.generate(n, "train", seed=5, levels=(3, 4)):
+        out.append(Pair(str(p.answer), spec.render(tok, p.text), arith.solution(p), arith.solution(p, skip_last=True)))
+    return out
+
+
+def test_torch_trainer_dpo_raises_the_margin_and_saves_hf_dir(tiny_dir, tmp_path):
+    pairs = _pairs(tiny_dir)
+    ref = reference_logps(tiny_dir, pairs)
+    tr = TorchTrainer(lr=3e-3, epochs=3, batch_size=4, grad_accum=2, warmup_ratio=0.0)
+    res = tr.train(tiny_dir, pairs, ref, DPOLoss(beta=0.5), tmp_path / "ckpt", seed=0)
+    assert (tmp_path / "ckpt" / "model.safetensors").exists() and res.steps == 3
+    assert res.history[-1]["rewards/margin"] > res.history[0]["rewards/margin"]
+    assert res.history[-1]["loss"] < math.log(2)
+    after = reference_logps(tmp_path / "ckpt", pairs)
+    margin = lambda r: sum(c - x for c, x in zip(r["chosen"], r["rejected"]))  # noqa: E731
+    assert margin(after) > margin(ref)
+    assert res.trained_tokens > 0 and all(math.isfinite(h["grad_norm"]) for h in res.history)
+
+
+def test_trainer_stops_on_exploding_gradient(tiny_dir, tmp_path):
+    from alignlab.train import NonFiniteLossError
+
+    tr = TorchTrainer(lr=1e-3, epochs=1, batch_size=4, max_grad_norm_abort=1e-9)
+    pairs = _pairs(tiny_dir, 4)
+    with pytest.raises(NonFiniteLossError, match="resume=true"):
+        tr.train(tiny_dir, pairs, reference_logps(tiny_dir, pairs), DPOLoss(), tmp_path / "ckpt", seed=0)
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_heldout_eval_reports_accuracy_se_and_difficulty(tiny_dir):
+    data = arith.ArithDataset(eval_problems=24)
+    tok = load_tokenizer(tiny_dir)
+    res = HeldoutEval().evaluate(tiny_dir, HFGenerator(max_new_tokens=48), ModelSpec(path=str(tiny_dir)), tok,
+                                 data.heldout())
+    assert res["n"] == 24 and 0 <= res["accuracy"] <= 1
+    assert res["se"] == pytest.approx(math.sqrt(res["accuracy"] * (1 - res["accuracy"]) / 24))
+    assert set(res["by_difficulty"]) == {str(k) for k in arith.LEVELS}
+    assert accuracy_se([True, False, True, True]) == (0.75, pytest.approx(math.sqrt(0.75 * 0.25 / 4)))
+
+
+def test_arith_verifier_judges_the_boxed_integer():
+    v = ArithExactVerifier()
+    assert v.verify_batch(["1 + 2 = 3\nThe answer is \\boxed{3}.", "\\boxed{4}", "no answer"], ["3", "3", "3"]) == [
+        True, False, False]
