@@ -210,14 +210,15 @@ def _rounds(cfg, out_dir, spec, data, gen, sampler, verifier, pair_builder, sele
         prompts = {p.id: spec.render(tok, p.prompt) for p in problems}
         pairs = jsonl_stage(rd / "pairs.jsonl", Pair, ledger, "pairs",
                             lambda: (pair_builder.build(problems, verdicts, prompts, seed=int(cfg.seed) + k), {}))
-        scorer = make_scorer(reference, base_dir, start_dir, trainer)
+        chain = [base_dir] + [str(out_dir / f"round_{j}" / "checkpoint") for j in range(1, k)]
+        scorer = make_scorer(reference, chain, rd, trainer)
         selected = jsonl_stage(rd / "selected.jsonl", Selected, ledger, "select",
                                lambda: (selector.select(pairs, seed=int(cfg.seed) + k, scorer=scorer), {}))
         train_pairs = [s.pair for s in selected]
         ckpt = rd / "checkpoint"
         if not (ckpt / "config.json").exists():
             gen.release()
-            ref = _reference_logps(rd, ledger, reference, base_dir, start_dir, train_pairs, trainer, n_params)
+            ref = _reference_logps(rd, ledger, reference, chain, train_pairs, trainer, n_params)
             t0 = time.time()
             if train_pairs:
                 res = trainer.train(start_dir, train_pairs, ref, loss, ckpt, seed=int(cfg.seed) * 7919 + k,
@@ -255,16 +256,16 @@ def _rounds(cfg, out_dir, spec, data, gen, sampler, verifier, pair_builder, sele
     return summary
 
 
-def make_scorer(reference, base_dir: str, start_dir: str, trainer):
+def make_scorer(reference, chain: list[str], rd: Path, trainer):
     """Per-pair policy (this round's start) and reference log-probs, for score-based selectors."""
 
     def scorer(pairs: list[Pair]) -> dict[str, list[float]]:
         from alignlab.train.torch_trainer import reference_logps
 
         max_len = getattr(trainer, "max_length", 1024)
-        pol = reference_logps(start_dir, pairs, max_len=max_len)
-        ref = reference.logps(base_dir, start_dir, lambda d: pol if d == start_dir else reference_logps(
-            d, pairs, max_len=max_len))
+        pol = reference_logps(chain[-1], pairs, max_len=max_len)
+        ref = reference.logps(chain, lambda d: pol if d == chain[-1] else reference_logps(d, pairs, max_len=max_len),
+                              rd)
         return {"policy_chosen": pol["chosen"], "policy_rejected": pol["rejected"], "ref_chosen": ref["chosen"],
                 "ref_rejected": ref["rejected"], "chosen_tokens": pol["chosen_tokens"],
                 "rejected_tokens": pol["rejected_tokens"]}
@@ -272,7 +273,7 @@ def make_scorer(reference, base_dir: str, start_dir: str, trainer):
     return scorer
 
 
-def _reference_logps(rd: Path, ledger: Ledger, reference, base_dir: str, start_dir: str, pairs: list[Pair], trainer,
+def _reference_logps(rd: Path, ledger: Ledger, reference, chain: list[str], pairs: list[Pair], trainer,
                      n_params: int) -> dict[str, list[float]]:
     """Reference log-probs once per round, cached on disk by hash(reference checkpoint, pairs)."""
     from alignlab.train.torch_trainer import reference_logps
@@ -291,7 +292,7 @@ def _reference_logps(rd: Path, ledger: Ledger, reference, base_dir: str, start_d
         return res
 
     t0 = time.time()
-    out = reference.logps(base_dir, start_dir, logps_of) if pairs else {"chosen": [], "rejected": []}
+    out = reference.logps(chain, logps_of, rd) if pairs else {"chosen": [], "rejected": []}
     ledger.record("reference", wall_s=time.time() - t0, flops=2.0 * n_params * forward_tokens)
     return out
 

@@ -11,7 +11,7 @@ from alignlab.data import arith
 from alignlab.eval import HeldoutEval, accuracy_se
 from alignlab.generation.hf import HFGenerator, uniform_noise
 from alignlab.losses import DPOLoss
-from alignlab.losses.reference import FixedReference, PreviousRoundReference
+from alignlab.losses.reference import EMAReference, FixedReference, MixReference, PreviousRoundReference
 from alignlab.models import ModelSpec, load_tokenizer
 from alignlab.pairs import BestWorstPairBuilder
 from alignlab.records import Pair, Problem, Rollout, Selected, is_complete, read_jsonl, write_jsonl
@@ -146,10 +146,28 @@ def test_records_roundtrip_and_truncation_is_detected(tmp_path):
         read_jsonl(path, Selected)
 
 
-def test_references_pick_the_right_checkpoint():
-    of = lambda d: {"chosen": [len(d)], "rejected": [0.0]}  # noqa: E731
-    assert FixedReference().logps("base", "round_k_dir", of)["chosen"] == [4]
-    assert PreviousRoundReference().logps("base", "round_k_dir", of)["chosen"] == [11]
+def test_references_pick_the_right_checkpoint(tmp_path):
+    of = lambda d: {"chosen": [float(len(d))], "rejected": [0.0]}  # noqa: E731
+    chain = ["base", "r1", "round_k_dir"]
+    assert FixedReference().logps(chain, of, tmp_path)["chosen"] == [4]
+    assert PreviousRoundReference().logps(chain, of, tmp_path)["chosen"] == [11]
+    assert MixReference(0.0).logps(chain, of, tmp_path) == FixedReference().logps(chain, of, tmp_path)
+    assert MixReference(1.0).logps(chain, of, tmp_path) == PreviousRoundReference().logps(chain, of, tmp_path)
+    assert MixReference(0.25).logps(chain, of, tmp_path)["chosen"] == [pytest.approx(0.25 * 11 + 0.75 * 4)]
+
+
+def test_mix_reference_on_real_checkpoints_matches_fixed_and_previous(tiny_dir, tmp_path):
+    pairs = _pairs(tiny_dir, 4)
+    tr = TorchTrainer(lr=3e-3, epochs=1, batch_size=4, warmup_ratio=0.0)
+    tr.train(tiny_dir, pairs, reference_logps(tiny_dir, pairs), DPOLoss(), tmp_path / "r1", seed=0)
+    chain = [str(tiny_dir), str(tmp_path / "r1")]
+    of = lambda d: reference_logps(d, pairs)  # noqa: E731
+    fixed, prev = FixedReference().logps(chain, of, tmp_path), PreviousRoundReference().logps(chain, of, tmp_path)
+    assert fixed["chosen"] != prev["chosen"]
+    assert MixReference(0.0).logps(chain, of, tmp_path)["chosen"] == fixed["chosen"]
+    assert MixReference(1.0).logps(chain, of, tmp_path)["chosen"] == prev["chosen"]
+    ema = EMAReference(decay=0.0).logps(chain, of, tmp_path)  # decay 0: the EMA is the latest weights
+    assert ema["chosen"] == pytest.approx(prev["chosen"], abs=1e-4)
 
 
 def _pairs(tiny_dir, n=8):
@@ -200,3 +218,18 @@ def test_arith_verifier_judges_the_boxed_integer():
     v = ArithExactVerifier()
     assert v.verify_batch(["1 + 2 = 3\nThe answer is \\boxed{3}.", "\\boxed{4}", "no answer"], ["3", "3", "3"]) == [
         True, False, False]
+
+
+def test_wandb_logger_writes_offline_run_inside_the_output_dir(tmp_path, monkeypatch):
+    from alignlab.logging import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "online")  # an inherited online mode must not win over the config
+    lg = WandbLogger(project="alignlab-test", mode="offline")
+    lg.start(tmp_path, {"seed": 0}, name="t")
+    lg.log({"eval/accuracy": 0.5})
+    lg.summary({"final_accuracy": 0.5})
+    lg.finish()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+    with pytest.raises(ValueError, match="mode must be"):
+        WandbLogger(mode="sometimes")

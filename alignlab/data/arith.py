@@ -26,7 +26,7 @@ ITEMS = ["apples", "marbles", "stickers", "coins", "books", "cards", "pencils", 
 ADD = ["{n} buys {x} more {item}.", "{n} finds {x} {item}.", "A friend gives {n} {x} {item}.", "{n} wins {x} {item}."]
 SUB = ["{n} gives away {x} {item}.", "{n} loses {x} {item}.", "{n} sells {x} {item}.", "{n} uses {x} {item}."]
 MUL = {2: "{n} doubles the {item}.", 3: "{n} triples the {item}."}
-LEVELS = {1: (2, 9), 2: (2, 99), 3: (3, 9), 4: (3, 99), 5: (4, 9), 6: (4, 99)}  # level -> (steps, max operand)
+LEVELS = {1: (2, 9), 2: (2, 30), 3: (3, 9), 4: (3, 30), 5: (4, 9), 6: (4, 30)}  # level -> (steps, max operand)
 
 
 @dataclass

@@ -75,7 +75,10 @@ class HFGenerator:
         encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
         jobs.sort(key=lambda ij: len(encoded[ij[0]]))  # similar lengths share a batch: less padding
         out: list[list[Sample | None]] = [[None] * n for _ in prompts]
-        for b in range(0, len(jobs), self.batch_size):
+        from tqdm.auto import tqdm
+
+        for b in tqdm(range(0, len(jobs), self.batch_size), desc="greedy" if greedy else f"sample n={n}",
+                      unit="batch", leave=False, disable=len(jobs) <= self.batch_size):
             chunk = jobs[b: b + self.batch_size]
             seeds = [sample_seed(seed, prompts[i], j) for i, j in chunk]
             res = self._decode(model, tok, [encoded[i] for i, _ in chunk], seeds, greedy, stop)

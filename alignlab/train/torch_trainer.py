@@ -10,6 +10,7 @@ import math
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -69,7 +70,7 @@ class TorchTrainer:
     def __init__(self, lr: float = 1e-4, epochs: int = 2, batch_size: int = 16, grad_accum: int = 1,
                  max_grad_norm: float = 1.0, warmup_ratio: float = 0.1, weight_decay: float = 0.0,
                  max_length: int = 1024, max_grad_norm_abort: float = 1e6, log_every: int = 10,
-                 device: str = "auto") -> None:
+                 device: str = "auto", step_hook: Any = None) -> None:
         for k, v in {"lr": lr, "epochs": epochs, "batch_size": batch_size, "grad_accum": grad_accum,
                      "max_length": max_length}.items():
             if v <= 0:
@@ -80,6 +81,7 @@ class TorchTrainer:
         self.max_grad_norm, self.warmup_ratio, self.weight_decay = max_grad_norm, warmup_ratio, weight_decay
         self.max_length, self.max_grad_norm_abort, self.log_every = max_length, max_grad_norm_abort, log_every
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        self.step_hook = step_hook  # optional per-step hook, e.g. SAGE's batch filter (alignlab/select/sage.py)
 
     def train(self, policy_dir: str | Path, pairs: list[Pair], ref_logps: dict[str, list[float]], loss,
               out_dir: str | Path, seed: int, logger=None) -> TrainResult:
@@ -90,7 +92,10 @@ class TorchTrainer:
         enc = encode_pairs(tok, pairs, self.max_length)
         ref_c = torch.tensor(ref_logps["chosen"], dtype=torch.float32)
         ref_r = torch.tensor(ref_logps["rejected"], dtype=torch.float32)
-        micro = [b for _ in range(self.epochs) for b in length_buckets(enc, self.batch_size, rng)]
+        hook = self.step_hook
+        bs = hook.begin(model=model, tok=tok, pairs=pairs, enc=enc, ref_logps=ref_logps, out_dir=Path(out_dir),
+                        batch_size=self.batch_size, seed=seed) if hook else self.batch_size
+        micro = [b for _ in range(self.epochs) for b in length_buckets(enc, bs, rng)]
         total_steps = max(1, math.ceil(len(micro) / self.grad_accum))
         opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         warm = int(self.warmup_ratio * total_steps)
@@ -99,6 +104,7 @@ class TorchTrainer:
         trained_tokens, t0 = 0, time.time()
         for step in range(total_steps):
             group = micro[step * self.grad_accum: (step + 1) * self.grad_accum]
+            group = [hook.filter(idx) for idx in group] if hook else group
             n_pairs = sum(len(b) for b in group)
             sums: dict[str, torch.Tensor] = {}
             for idx in group:
@@ -108,6 +114,8 @@ class TorchTrainer:
                 lp = PairLogps(pc, pr, ref_c[ix], ref_r[ix], nc, nr)
                 losses, metrics = loss(lp)
                 (losses.sum() / n_pairs).backward()
+                if hook:
+                    hook.after_backward(model)
                 trained_tokens += sum(len(c.ids) + len(r.ids) for c, r in items)
                 metrics = {"loss": losses.detach(), **metrics}
                 for k, v in metrics.items():
@@ -115,6 +123,7 @@ class TorchTrainer:
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.max_grad_norm)
             vals = {k: float(v) / n_pairs for k, v in sums.items()}  # the one host sync of the step
             vals["grad_norm"] = float(gnorm)
+            vals.update(hook.end_step() if hook else {})
             if not math.isfinite(vals["loss"]) or not math.isfinite(vals["grad_norm"]) \
                     or vals["grad_norm"] > self.max_grad_norm_abort:
                 raise NonFiniteLossError(
@@ -129,8 +138,11 @@ class TorchTrainer:
             if logger is not None and (step % self.log_every == 0 or step == total_steps - 1):
                 logger.log({f"train/{k}": v for k, v in vals.items()})
         out = Path(out_dir)
+        if hook:
+            hook.end(history)
         save_checkpoint(model, tok, out)
-        summary = {k: sum(h[k] for h in history) / len(history) for k in history[0]} if history else {}
+        keys = dict.fromkeys(k for h in history for k in h)  # a hook may report some keys on some steps only
+        summary = {k: sum(v) / len(v) for k in keys for v in [[h[k] for h in history if k in h]]}
         summary["train_seconds"] = time.time() - t0
         return TrainResult(steps=total_steps, trained_tokens=trained_tokens, history=history, summary=summary)
 

@@ -1,0 +1,120 @@
+"""Coarse-grained SAGE curriculum: difficulty buckets from pass rates, stage proportions, competence.
+
+Pools are refreshed on-policy every round (each round samples fresh), so the curriculum only has to
+decide *how the kept pairs are spread over difficulty*. Defaults follow docs/papers/sage.md §8:
+easy p >= 0.75, medium 0.25 <= p < 0.75, hard p < 0.25; stages 0.5/0.4/0.1 -> 0.2/0.5/0.3 -> 0.1/0.4/0.5.
+
+Competence is the mean pass rate of the round's pool (each paired prompt counted once; prompts solved
+always or never give no pair and are not in the pool), i.e. "policy accuracy on the current pool" of §8.
+The stage is a pure function of that competence (stage k once competence >= advance_at[k-1]), so a
+resumed run re-derives it from the saved pairs and never depends on in-memory history; as competence
+rises over rounds the stage advances (and it may step back if competence falls).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from alignlab.records import Pair
+
+BUCKETS = ("easy", "medium", "hard")
+STAGES = ((0.5, 0.4, 0.1), (0.2, 0.5, 0.3), (0.1, 0.4, 0.5))  # sage.md §8, easy/medium/hard
+UNKNOWN = "unknown"  # pairs without a pass rate (builders that do not record it): proportion 0
+
+
+def _check_props(props: Sequence[float], where: str) -> list[float]:
+    vals = [float(x) for x in props]
+    if len(vals) != len(BUCKETS) or any(not math.isfinite(v) or v < 0 for v in vals) or abs(sum(vals) - 1) > 1e-6:
+        raise ValueError(f"{where} must be 3 non-negative proportions (easy, medium, hard) summing to 1, got {props}")
+    return vals
+
+
+class Curriculum:
+    """Difficulty buckets + competence-driven stage proportions for the kept pairs."""
+
+    def __init__(self, stages: Sequence[Sequence[float]] = STAGES, advance_at: Sequence[float] = (0.5, 0.7),
+                 easy_at: float = 0.75, hard_below: float = 0.25) -> None:
+        self.stages = [_check_props(s, f"stages[{i}]") for i, s in enumerate(stages)]
+        if not self.stages:
+            raise ValueError("stages must list at least one (easy, medium, hard) proportion triple")
+        self.advance_at = [float(t) for t in advance_at]
+        if len(self.advance_at) != len(self.stages) - 1:
+            raise ValueError(f"advance_at needs len(stages) - 1 = {len(self.stages) - 1} thresholds, "
+                             f"got {list(advance_at)}")
+        if any(not 0 <= t <= 1 for t in self.advance_at) or self.advance_at != sorted(self.advance_at):
+            raise ValueError(f"advance_at must be ascending competences in [0, 1], got {list(advance_at)}")
+        if not 0 < hard_below < easy_at <= 1:
+            raise ValueError(f"need 0 < hard_below < easy_at <= 1, got hard_below={hard_below}, easy_at={easy_at}")
+        self.easy_at, self.hard_below = float(easy_at), float(hard_below)
+
+    def bucket(self, pass_rate: float | None) -> str:
+        if pass_rate is None:
+            return UNKNOWN
+        return "easy" if pass_rate >= self.easy_at else "hard" if pass_rate < self.hard_below else "medium"
+
+    def buckets(self, pairs: Sequence[Pair]) -> list[str]:
+        return [self.bucket(p.meta.get("pass_rate")) for p in pairs]
+
+    @staticmethod
+    def competence(pairs: Sequence[Pair]) -> float | None:
+        """Mean pass rate over the pool's prompts (one value per prompt); None when no pair records one."""
+        rates = {p.problem_id: p.meta["pass_rate"] for p in pairs if p.meta.get("pass_rate") is not None}
+        return float(np.mean(list(rates.values()))) if rates else None
+
+    def stage(self, competence: float | None) -> int:
+        """0-based stage: the number of ``advance_at`` thresholds the competence has reached."""
+        return 0 if competence is None else sum(competence >= t for t in self.advance_at)
+
+    def proportions(self, stage: int) -> dict[str, float]:
+        return dict(zip(BUCKETS, self.stages[stage]))
+
+
+def quotas(k: int, available: dict[str, int], props: dict[str, float]) -> dict[str, int]:
+    """Split ``k`` kept pairs over buckets by ``props`` (largest remainder), never more than ``available``.
+
+    A bucket that runs short gives its unmet quota to the others in proportion to their stage shares,
+    repeatedly, so exactly min(k, total available) pairs are kept. Buckets with share 0 (and pairs with no
+    pass rate) are used only once every bucket with a share is exhausted.
+    """
+    q = {b: 0 for b in available}
+    left = min(k, sum(available.values()))
+    active = [b for b in available if props.get(b, 0) > 0 and available[b] > 0]
+    while left > 0 and active:
+        total = sum(props[b] for b in active)
+        raw = {b: left * props[b] / total for b in active}
+        alloc = {b: math.floor(raw[b] + 1e-9) for b in active}
+        for b in sorted(active, key=lambda b: alloc[b] - raw[b])[: left - sum(alloc.values())]:
+            alloc[b] += 1
+        for b in active:
+            take = min(alloc[b], available[b] - q[b])
+            q[b] += take
+            left -= take
+        active = [b for b in active if q[b] < available[b]]
+    for b in sorted(available, key=lambda b: -(available[b] - q[b])):  # zero-share buckets, largest first
+        take = min(left, available[b] - q[b])
+        q[b] += take
+        left -= take
+    return q
+
+
+def top_k(scores: np.ndarray, k: int, rng: np.random.Generator, buckets: Sequence[str] | None = None,
+          props: dict[str, float] | None = None) -> list[int]:
+    """Indices of the ``k`` highest scores (ties broken by ``rng``), spread over buckets by ``props`` if given."""
+    scores = np.asarray(scores, dtype=float)
+    order = np.lexsort((rng.random(len(scores)), -scores))  # best first; random among equal scores
+    if buckets is None or props is None:
+        return sorted(order[:k].tolist())
+    avail: dict[str, int] = {}
+    for b in buckets:
+        avail[b] = avail.get(b, 0) + 1
+    want = quotas(k, avail, props)
+    kept = []
+    for i in order:
+        b = buckets[i]
+        if want[b] > 0:
+            kept.append(int(i))
+            want[b] -= 1
+    return sorted(kept)
