@@ -68,63 +68,74 @@ class HFGenerator:
     @torch.inference_mode()
     def generate(self, model_dir: str | Path, prompts: list[str], n: int, seed: int,
                  greedy: bool = False) -> list[list[Sample]]:
+        from tqdm.auto import tqdm
+
         model, tok = self._load(model_dir)
         n = 1 if greedy else n
         stop = {tok.eos_token_id} | set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
-        jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
-        encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        jobs.sort(key=lambda ij: len(encoded[ij[0]]))  # similar lengths share a batch: less padding
-        out: list[list[Sample | None]] = [[None] * n for _ in prompts]
-        from tqdm.auto import tqdm
+        room = getattr(model.config, "max_position_embeddings", 1 << 30) - self.max_new_tokens
+        encoded = [tok(p, add_special_tokens=False)["input_ids"][-room:] for p in prompts]  # keep the prompt's end
+        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
+        per_batch = max(1, self.batch_size // n)
+        out: list[list[Sample]] = [[] for _ in prompts]
+        chunks = [order[b: b + per_batch] for b in range(0, len(order), per_batch)]
+        for chunk in tqdm(chunks, desc="greedy" if greedy else f"sample n={n}", unit="batch", leave=False,
+                          disable=len(chunks) <= 1):
+            seeds = [sample_seed(seed, prompts[i], j) for i in chunk for j in range(n)]
+            res = self._decode(model, tok, [encoded[i] for i in chunk], n, seeds, greedy, stop)
+            for k, i in enumerate(chunk):
+                out[i] = res[k * n: (k + 1) * n]
+        return out
 
-        for b in tqdm(range(0, len(jobs), self.batch_size), desc="greedy" if greedy else f"sample n={n}",
-                      unit="batch", leave=False, disable=len(jobs) <= self.batch_size):
-            chunk = jobs[b: b + self.batch_size]
-            seeds = [sample_seed(seed, prompts[i], j) for i, j in chunk]
-            res = self._decode(model, tok, [encoded[i] for i, _ in chunk], seeds, greedy, stop)
-            for (i, j), s in zip(chunk, res):
-                out[i][j] = s
-        return out  # type: ignore[return-value]
-
-    def _decode(self, model, tok, prompt_ids: list[list[int]], seeds: list[int], greedy: bool,
+    def _decode(self, model, tok, prompt_ids: list[list[int]], n: int, seeds: list[int], greedy: bool,
                 stop: set[int]) -> list[Sample]:
-        B, L = len(prompt_ids), max(len(p) for p in prompt_ids)
-        pad = tok.pad_token_id
-        ids = torch.full((B, L), pad, dtype=torch.long)
-        attn = torch.zeros((B, L), dtype=torch.long)
+        """Prefill each prompt once, fan the KV cache out to its n samples, drop rows as they finish."""
+        P, L = len(prompt_ids), max(len(p) for p in prompt_ids)
+        pad, dev = tok.pad_token_id, self.device
+        ids = torch.full((P, L), pad, dtype=torch.long)
+        attn = torch.zeros((P, L), dtype=torch.long)
         for i, p in enumerate(prompt_ids):  # left padding
             ids[i, L - len(p):] = torch.tensor(p)
             attn[i, L - len(p):] = 1
-        ids, attn = ids.to(self.device), attn.to(self.device)
-        seed_t = torch.tensor(seeds, dtype=torch.int64)
-        stop_t = torch.tensor(sorted(stop), device=self.device)
+        ids, attn = ids.to(dev), attn.to(dev)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
         cache, logits = out.past_key_values, out.logits[:, -1]
         next_pos = pos[:, -1:] + 1
-        gen = torch.full((B, self.max_new_tokens), pad, dtype=torch.long, device=self.device)
-        lp_sum = torch.zeros(B, dtype=torch.float64, device=self.device)
-        ent_sum = torch.zeros(B, dtype=torch.float64, device=self.device)
-        n_tok = torch.zeros(B, dtype=torch.long, device=self.device)
-        done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+            logits, attn, next_pos = (x.repeat_interleave(n, dim=0) for x in (logits, attn, next_pos))
+        B = P * n
+        seed_all = torch.tensor(seeds, dtype=torch.int64)
+        stop_t = torch.tensor(sorted(stop), device=dev)
+        rows = torch.arange(B, device=dev)  # original row of each row still in the batch
+        gen = torch.full((B, self.max_new_tokens), pad, dtype=torch.long, device=dev)
+        lp_sum = torch.zeros(B, dtype=torch.float64, device=dev)
+        ent_sum = torch.zeros(B, dtype=torch.float64, device=dev)
+        n_tok = torch.zeros(B, dtype=torch.long, device=dev)
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
         for t in range(self.max_new_tokens):
             logp = torch.log_softmax(logits.float(), dim=-1)
             if greedy or self.temperature == 0:
                 nxt = logp.argmax(-1)
             else:
-                nxt = self._sample(logp, seed_t, t)
-            chosen_lp = logp.gather(1, nxt[:, None]).squeeze(1)
-            ent = -(logp.exp() * logp).nan_to_num().sum(-1)
-            live = ~done
-            lp_sum += torch.where(live, chosen_lp, 0).double()
-            ent_sum += torch.where(live, ent, 0).double()
-            n_tok += live.long()
+                nxt = self._sample(logp, seed_all[rows.cpu()], t)
+            live = ~done[rows]
+            lp_sum[rows] += torch.where(live, logp.gather(1, nxt[:, None]).squeeze(1), 0).double()
+            ent_sum[rows] += torch.where(live, -(logp.exp() * logp).nan_to_num().sum(-1), 0).double()
+            n_tok[rows] += live.long()
             nxt = torch.where(live, nxt, pad)
-            gen[:, t] = nxt
-            done |= torch.isin(nxt, stop_t)
-            if bool(done.all()):
+            gen[rows, t] = nxt
+            done[rows] |= torch.isin(nxt, stop_t)
+            keep = ~done[rows]
+            n_keep = int(keep.sum())
+            if n_keep == 0:
                 break
-            attn = torch.cat([attn, live.long()[:, None]], dim=1)
+            if n_keep <= 0.9 * len(rows):  # compact: finished rows stop costing compute
+                idx = keep.nonzero().squeeze(1)
+                cache.batch_select_indices(idx)
+                rows, attn, next_pos, nxt = rows[idx], attn[idx], next_pos[idx], nxt[idx]
+            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
             out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=cache,
                         use_cache=True)
             cache, logits = out.past_key_values, out.logits[:, -1]

@@ -85,11 +85,11 @@ class EMAReference:
         from alignlab.train.torch_trainer import save_checkpoint
 
         model = load_model(checkpoints[0])
-        ema = {k: v.clone() for k, v in model.state_dict().items()}
+        # the saved tensors only: tied weights (lm_head = embed_tokens) are stored once
+        ema = {k: v.float().clone() for k, v in load_file(str(Path(checkpoints[0]) / "model.safetensors")).items()}
         for d in checkpoints[1:]:
             sd = load_file(str(Path(d) / "model.safetensors"))
             for k in ema:
-                if k in sd:
-                    ema[k].mul_(self.decay).add_(sd[k], alpha=1 - self.decay)
-        model.load_state_dict(ema)
+                ema[k].mul_(self.decay).add_(sd[k].float(), alpha=1 - self.decay)
+        model.load_state_dict(ema, strict=False)
         save_checkpoint(model, load_tokenizer(checkpoints[0]), out)

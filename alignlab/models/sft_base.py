@@ -88,6 +88,7 @@ def train_sft_base(out_dir: str, steps: int = 1200, batch_size: int = 64, lr: fl
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
+    (out / "alignlab_model.json").write_text(json.dumps({"config": "tiny_arith"}))
     (out / "sft_base.json").write_text(json.dumps({
         "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "skip_rate": skip_rate,
         "slip_rate": slip_rate, "refine_share": refine_share, "examples": examples,

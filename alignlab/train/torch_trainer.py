@@ -140,7 +140,7 @@ class TorchTrainer:
         out = Path(out_dir)
         if hook:
             hook.end(history)
-        save_checkpoint(model, tok, out)
+        save_checkpoint(model, tok, out, source_dir=policy_dir)
         keys = dict.fromkeys(k for h in history for k in h)  # a hook may report some keys on some steps only
         summary = {k: sum(v) / len(v) for k in keys for v in [[h[k] for h in history if k in h]]}
         summary["train_seconds"] = time.time() - t0
@@ -153,15 +153,23 @@ def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def save_checkpoint(model, tok, out: Path) -> None:
-    """Save as a HF directory atomically: write into ``<out>.tmp`` then rename."""
+def save_checkpoint(model, tok, out: Path, source_dir: str | Path | None = None) -> None:
+    """Save as a HF directory atomically: write into ``<out>.tmp`` then rename.
+
+    ``alignlab_model.json`` (which model config the weights go with) is carried over from ``source_dir``.
+    """
     import shutil
+
+    from alignlab.models import resolve_path
 
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
+    meta = resolve_path(str(source_dir)) / "alignlab_model.json" if source_dir else None
+    if meta is not None and meta.exists():
+        shutil.copy(meta, tmp / meta.name)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

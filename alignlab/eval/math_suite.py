@@ -1,0 +1,65 @@
+"""``eval=math_suite``: greedy accuracy on the 8 real math benchmarks, Qwen2.5-Math conventions.
+
+Prompting is the model config's (the Qwen2.5-Math CoT system prompt for real models); answers are
+extracted in Qwen2.5-Math's order and graded by the project's MathVerifier (process pool with a
+wall-clock timeout). The table has the SAGE paper's columns plus problem counts and the average.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from alignlab.data.benchmarks import BENCHMARKS, load_benchmark
+from alignlab.eval import accuracy_se, greedy_correct
+from alignlab.records import Problem
+
+DEFAULT_ROOT = os.environ.get("ALIGNLAB_BENCHMARKS", str(Path(__file__).resolve().parents[3] / "shared" / "data"
+                                                          / "benchmarks"))
+
+
+class MathSuiteEval:
+    """Greedy pass@1 over each benchmark; ``limit`` keeps the first k problems of each."""
+
+    def __init__(self, benchmarks: list[str] | None = None, root: str = DEFAULT_ROOT, limit: int | None = None,
+                 verifier: Any = None) -> None:
+        names = list(benchmarks or BENCHMARKS)
+        bad = [b for b in names if b not in BENCHMARKS]
+        if bad:
+            raise ValueError(f"benchmarks: unknown {bad}; valid: {list(BENCHMARKS)}")
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be >= 1 or null, got {limit}")
+        if not Path(root).is_dir():
+            raise ValueError(f"root: benchmark folder {root} does not exist (set eval.root or ALIGNLAB_BENCHMARKS)")
+        self.benchmarks, self.root, self.limit = names, root, limit
+        if verifier is None:
+            from alignlab.verify import MathVerifier
+
+            verifier = MathVerifier()
+        self.verifier = verifier
+
+    def evaluate(self, model_dir, generator, spec, tokenizer, problems: list[Problem] | None = None
+                 ) -> dict[str, Any]:
+        per: dict[str, dict[str, Any]] = {}
+        everything: list[bool] = []
+        for name in self.benchmarks:
+            probs = load_benchmark(name, self.root)[: self.limit or None]
+            correct, _ = greedy_correct(model_dir, generator, spec, tokenizer, probs, self.verifier)
+            acc, se = accuracy_se(correct)
+            per[name] = {"accuracy": acc, "n": len(probs), "se": se}
+            everything += correct
+        macro = sum(v["accuracy"] for v in per.values()) / len(per)
+        acc, se = accuracy_se(everything)
+        return {"accuracy": macro, "se": se, "n": len(everything), "micro_accuracy": acc, "benchmarks": per,
+                "by_difficulty": {k: v["accuracy"] for k, v in per.items()}}
+
+    @staticmethod
+    def format_table(res: dict[str, Any]) -> str:
+        """Markdown: one column per benchmark (accuracy %, n) and the average, as in the SAGE table."""
+        per = res["benchmarks"]
+        head = "| " + " | ".join(f"{k} (n={v['n']})" for k, v in per.items()) + " | Avg |"
+        sep = "|" + "---|" * (len(per) + 1)
+        row = "| " + " | ".join(f"{100 * v['accuracy']:.2f} ± {100 * v['se']:.2f}" for v in per.values()) + \
+              f" | {100 * res['accuracy']:.2f} |"
+        return "\n".join([head, sep, row])
