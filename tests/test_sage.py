@@ -1,0 +1,250 @@
+"""SAGE selection: score ranking, exact keep counts, curriculum proportions, the trainer hook, one CLI run."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+
+from alignlab.data import arith
+from alignlab.losses import DPOLoss
+from alignlab.models import ModelSpec, load_tokenizer
+from alignlab.records import Pair, read_jsonl
+from alignlab.runner import build_components
+from alignlab.select.curriculum import Curriculum, quotas, top_k
+from alignlab.select.random import RandomSelector
+from alignlab.select.sage import (
+    GradStatsHook,
+    SageSelector,
+    SageStepHook,
+    keep_count,
+    newton_score,
+    stable_score,
+    step_hook,
+)
+from alignlab.train.torch_trainer import TorchTrainer, reference_logps
+from tests.conftest import TINY_RUN, alignlab
+
+
+def _compose(overrides: list[str]):
+    """The composed config a CLI run with these overrides would get (in-process)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    import alignlab.config  # noqa: F401 - registers run_schema
+    from alignlab.cli import CONF_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        return compose("config", overrides=overrides, return_hydra_config=True)
+
+
+def _choices(cfg) -> dict[str, str]:
+    return {k: v for k, v in cfg.hydra.runtime.choices.items() if v is not None}
+
+# Constructed pairs: (name, policy margin in nats over the reference, pass rate). beta=0.5, summed scoring.
+KINDS = [("confident_error", -8.0, 0.125), ("mild_error", -2.0, 0.25), ("boundary", 0.0, 0.5),
+         ("boundary2", 0.2, 0.5), ("solved", 4.0, 0.75), ("trivial", 12.0, 0.875)]
+
+
+def _pairs(spec=KINDS) -> tuple[list[Pair], dict[str, list[float]]]:
+    pairs, lp = [], {k: [] for k in ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected",
+                                     "chosen_tokens", "rejected_tokens")}
+    for i, (name, h, rate) in enumerate(spec):
+        pairs.append(Pair(f"p{i}", "q", f"good {name}", f"bad {name}", meta={"pass_rate": rate, "name": name}))
+        for k, v in zip(lp, (-10.0 + h / 2, -10.0 - h / 2, -10.0, -10.0, 10, 10)):
+            lp[k].append(v)
+    return pairs, lp
+
+
+def _scorer(lp):
+    return lambda pairs: lp
+
+
+def _sel(**kw) -> SageSelector:
+    base = dict(granularity="pool", beta=0.5, length_normalized=False, curriculum=None)
+    return SageSelector(**{**base, **kw})
+
+
+def test_newton_and_stable_rank_confident_errors_first_boundary_middle_trivial_last():
+    mu = np.array([-4.0, -1.0, 0.0, 1.0, 4.0])
+    for f in (newton_score, stable_score):
+        s = f(mu, np.zeros(5), 1e-3)
+        assert list(np.argsort(-s)) == [0, 1, 2, 3, 4]
+    np.testing.assert_allclose(stable_score(mu, np.zeros(5), 1e-3), newton_score(mu, np.zeros(5), 1e-3), rtol=1e-9)
+    # not a function of the margin alone: an error whose margin is uncertain ranks below a stable one
+    s = stable_score(np.array([-4.0, -4.0, 0.0]), np.array([0.0, 16.0, 0.0]), 1e-3)
+    assert s[0] > 10 * s[1] and s[1] > s[2]
+
+
+@pytest.mark.parametrize("form", ["newton", "stable", "signal"])
+def test_pool_selection_keeps_confident_errors_and_filters_boundary_and_trivial(form):
+    pairs, lp = _pairs()
+    kept = _sel(score=form, keep_ratio=0.3).select(pairs, seed=0, scorer=_scorer(lp))
+    assert [s.pair.meta["name"] for s in kept] == ["confident_error", "mild_error"]
+    assert kept[0].score > kept[1].score and kept[0].pair.meta["sage_round"]["kept"] == 2
+    scores = {p.meta["name"]: s for p, s in zip(pairs, _sel(score=form).score(*_sel().features(
+        *(lp[k] for k in lp))))}
+    assert scores["confident_error"] > scores["mild_error"] > scores["boundary"] > scores["solved"] > scores["trivial"]
+
+
+def test_boundary_form_prefers_pairs_nearest_the_decision_boundary():
+    pairs, lp = _pairs()
+    kept = _sel(score="boundary", keep_ratio=0.3).select(pairs, seed=0, scorer=_scorer(lp))
+    assert {s.pair.meta["name"] for s in kept} == {"boundary", "boundary2"}
+
+
+@pytest.mark.parametrize("gamma", [0.2, 0.4, 0.5, 0.6, 0.8, 1.0])
+def test_keep_ratio_keeps_exactly_ceil_gamma_n(gamma):
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 5, 7, 10, 33):
+        spec = [(f"x{i}", float(h), float(r)) for i, (h, r) in enumerate(zip(rng.normal(0, 3, n),
+                                                                              rng.choice([0.125, 0.5, 0.875], n)))]
+        pairs, lp = _pairs(spec)
+        want = math.ceil(round(gamma * n, 9))
+        assert len(_sel(keep_ratio=gamma).select(pairs, seed=1, scorer=_scorer(lp))) == want
+        assert len(_sel(keep_ratio=gamma, curriculum=Curriculum()).select(pairs, 1, _scorer(lp))) == want
+        assert len(RandomSelector(gamma).select(pairs, seed=1)) == want
+    assert keep_count(0.6, 5) == 3 and keep_count(0.2, 20) == 4
+
+
+def test_random_selector_is_seeded():
+    pairs, _ = _pairs([(f"x{i}", 0.0, 0.5) for i in range(40)])
+    ids = lambda s: [x.pair.problem_id for x in RandomSelector(0.5).select(pairs, seed=s)]  # noqa: E731
+    assert ids(3) == ids(3) and ids(3) != ids(4)
+
+
+def test_length_normalised_margin_ignores_response_length():
+    sel = _sel(length_normalized=True, length_scale=10.0, beta=1.0)
+    # same per-token log-ratio (-0.1 chosen vs 0 rejected), chosen 10 vs 100 tokens: equal normalised margins
+    mu, _ = sel.features([-1.0, -10.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [10, 100], [10, 10])
+    np.testing.assert_allclose(mu, [-1.0, -1.0])
+    mu, _ = _sel(beta=1.0).features([-1.0, -10.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [10, 100], [10, 10])
+    np.testing.assert_allclose(mu, [-1.0, -10.0])
+
+
+def test_curriculum_buckets_stages_and_proportions():
+    cur = Curriculum()
+    assert [cur.bucket(p) for p in (0.125, 0.25, 0.5, 0.74, 0.75, 0.875, None)] == \
+        ["hard", "medium", "medium", "medium", "easy", "easy", "unknown"]
+    assert [cur.stage(c) for c in (None, 0.2, 0.5, 0.69, 0.7, 0.9)] == [0, 0, 1, 1, 2, 2]
+    avail = {"easy": 100, "medium": 100, "hard": 100}
+    for stage, want in enumerate(([10, 8, 2], [4, 10, 6], [2, 8, 10])):
+        assert list(quotas(20, avail, cur.proportions(stage)).values()) == want
+    # top_k keeps the best of each bucket, in the stage's proportions
+    buckets = ["easy"] * 30 + ["medium"] * 30 + ["hard"] * 30
+    scores = np.arange(90.0)
+    kept = top_k(scores, 10, np.random.default_rng(0), buckets, cur.proportions(0))
+    assert [buckets[i] for i in kept].count("easy") == 5 and [buckets[i] for i in kept].count("hard") == 1
+    assert max(i for i in kept if buckets[i] == "easy") == 29
+
+
+def test_curriculum_shortfall_goes_to_the_other_buckets_by_their_shares():
+    props = Curriculum().proportions(0)  # 0.5 / 0.4 / 0.1
+    q = quotas(20, {"easy": 2, "medium": 50, "hard": 50, "unknown": 5}, props)
+    assert q["easy"] == 2 and q["medium"] + q["hard"] == 18 and q["medium"] == 14 and q["unknown"] == 0
+    q = quotas(20, {"easy": 2, "medium": 3, "hard": 4, "unknown": 30}, props)
+    assert q == {"easy": 2, "medium": 3, "hard": 4, "unknown": 11}
+    assert sum(quotas(50, {"easy": 2, "medium": 3}, props).values()) == 5
+
+
+def test_curriculum_competence_is_the_pools_mean_pass_rate_per_prompt():
+    pairs, _ = _pairs([("a", 0, 0.125), ("b", 0, 0.875)])
+    pairs.append(Pair("p0", "q", "x", "y", meta={"pass_rate": 0.125}))  # same prompt twice counts once
+    assert Curriculum.competence(pairs) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="advance_at"):
+        Curriculum(advance_at=[0.5])
+    with pytest.raises(ValueError, match="stages"):
+        Curriculum(stages=[[0.5, 0.5, 0.5]], advance_at=[])
+
+
+def test_constructor_rejects_impossible_values_naming_the_argument():
+    for kw, name in (({"keep_ratio": 0}, "keep_ratio"), ({"keep_ratio": 1.5}, "keep_ratio"), ({"score": "x"}, "score"),
+                     ({"granularity": "batch"}, "granularity"), ({"lam": -1}, "lam"), ({"beta": 0}, "beta")):
+        with pytest.raises(ValueError, match=name):
+            SageSelector(**kw)
+    with pytest.raises(ValueError, match="keep_ratio"):
+        RandomSelector(0)
+
+
+def _real_pairs(tiny_dir, n: int) -> list[Pair]:
+    tok, spec = load_tokenizer(tiny_dir), ModelSpec(path=str(tiny_dir))
+    rates = [0.125, 0.5, 0.875]
+    return [Pair(str(i), spec.render(tok, p.text), arith.solution(p), arith.solution(p, skip_last=True),
+                 meta={"pass_rate": rates[i % 3]}) for i, p in enumerate(arith.generate(n, "train", seed=2))]
+
+
+@pytest.fixture
+def one_thread():
+    """Oversubscribed threads make tiny CPU training crawl on a shared machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_step_hook_keeps_ceil_gamma_of_each_candidate_batch_and_logs_grad_variance(tiny_dir, tmp_path, one_thread):
+    pairs = _real_pairs(tiny_dir, 30)
+    ref = reference_logps(tiny_dir, pairs)
+    sel = SageSelector(keep_ratio=0.4, granularity="step", curriculum=Curriculum())
+    tr = TorchTrainer(lr=1e-3, epochs=1, batch_size=2, grad_accum=2, step_hook=step_hook(sel))
+    res = tr.train(tiny_dir, pairs, ref, DPOLoss(), tmp_path / "ckpt", seed=0)
+    # candidate batches of floor(2 / 0.4) = 5 pairs, 2 per step: 30 pairs -> 6 batches -> 3 steps, 2 + 2 kept each
+    assert res.steps == 3 and [h["candidates"] for h in res.history] == [10, 10, 10]
+    assert [h["kept"] for h in res.history] == [4, 4, 4] and res.trained_tokens > 0
+    assert all(h["grad_var_micro"] > 0 and h["grad_snr"] > 0 for h in res.history)
+    log = json.loads((tmp_path / "train_steps.json").read_text())
+    assert log["candidates"] == 30 and log["kept"] == 12 and sum(log["score_hist_all"]) == 30
+    assert sum(b["kept"] for b in log["buckets"].values()) == 12 and log["stage"] == 2  # competence 0.5
+    assert log["score_forward_tokens"] > 0 and len(log["steps"]) == 3
+    # without a filter the stats hook changes nothing: same losses as a trainer without a hook
+    a = TorchTrainer(lr=1e-3, epochs=1, batch_size=4, grad_accum=2, step_hook=GradStatsHook())
+    b = TorchTrainer(lr=1e-3, epochs=1, batch_size=4, grad_accum=2)
+    ra = a.train(tiny_dir, pairs, ref, DPOLoss(), tmp_path / "a", seed=0)
+    rb = b.train(tiny_dir, pairs, ref, DPOLoss(), tmp_path / "b", seed=0)
+    assert [h["loss"] for h in ra.history] == [h["loss"] for h in rb.history]
+    assert all(abs(h["grad_norm"] - h2["grad_norm"]) < 1e-5 for h, h2 in zip(ra.history, rb.history))
+
+
+@pytest.mark.slow
+def test_sage_run_end_to_end_through_the_cli(tiny_dir, tmp_path):
+    run = [a for a in TINY_RUN if not a.startswith(("sampler.n", "data.train_prompts"))]
+    alignlab(*run, "sampler.n=8", "data.train_prompts=24", "selector=sage", "selector.keep_ratio=0.5", "trainer.grad_accum=2", "trainer.batch_size=2",
+             "rounds=1", "base_eval=false", f"model.path={tiny_dir}", f"hydra.run.dir={tmp_path}")
+    s = json.loads((tmp_path / "summary.json").read_text())
+    r = s["rounds"][0]
+    assert r["selected"] == r["pairs"]  # step granularity: the whole pool goes to the trainer's filter
+    sel = read_jsonl(tmp_path / "round_1" / "selected.jsonl")
+    assert sel[0]["pair"]["meta"]["sage_round"]["granularity"] == "step"
+    log = json.loads((tmp_path / "round_1" / "train_steps.json").read_text())
+    assert [st["kept"] for st in log["steps"]] == [math.ceil(st["candidates"] / 2) for st in log["steps"]]
+    assert r["train"]["kept"] > 0 and "grad_norm_micro" in r["train"]
+
+
+@pytest.mark.parametrize("overrides", [["experiment=sage_ablations", "selector.keep_ratio=0.3"],
+                                       ["experiment=sage_vs_dpo", "selector=random"],
+                                       ["selector=sage", "selector.granularity=pool", "selector.curriculum=null"]])
+def test_sage_configs_compose_and_wire_the_trainer_hook(overrides, tiny_dir):
+    cfg = _compose([*overrides, f"model.path={tiny_dir}"])
+    comps = build_components(cfg, _choices(cfg))
+    hook = comps["trainer"].step_hook
+    step = isinstance(comps["selector"], SageSelector) and comps["selector"].granularity == "step"
+    assert isinstance(hook, SageStepHook) == step and (hook is None or isinstance(hook, GradStatsHook))
+    if step:
+        assert hook.sel.keep_ratio == comps["selector"].keep_ratio and hook.sel.beta == comps["loss"].beta
+
+
+@pytest.mark.parametrize("override,message", [("selector.keep_ratio=0", "selector: keep_ratio must be in (0, 1]"),
+                                              ("selector.curriculum.advance_at=[0.9,0.1]", "advance_at")])
+def test_bad_sage_values_fail_before_work_naming_the_argument(override, message, tiny_dir):
+    from alignlab.runner import build_components
+    from tests.test_config import _choices, _compose
+
+    with pytest.raises(Exception, match=re.escape(message)):  # noqa: PT011 - ConfigError
+        cfg = _compose(["selector=sage", override, f"model.path={tiny_dir}"])
+        build_components(cfg, _choices(cfg))
