@@ -223,7 +223,8 @@ def test_sage_run_end_to_end_through_the_cli(tiny_dir, tmp_path):
     assert sel[0]["pair"]["meta"]["sage_round"]["granularity"] == "step"
     log = json.loads((tmp_path / "round_1" / "train_steps.json").read_text())
     assert [st["kept"] for st in log["steps"]] == [math.ceil(st["candidates"] / 2) for st in log["steps"]]
-    assert r["train"]["kept"] > 0 and "grad_norm_micro" in r["train"]
+    assert r["train"]["kept_pairs"] == log["kept"] > 0 and r["train"]["score_forward_tokens"] > 0
+    assert "grad_norm_micro" in r["train"]
 
 
 @pytest.mark.parametrize("overrides", [["experiment=sage_ablations", "selector.keep_ratio=0.3"],

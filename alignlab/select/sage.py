@@ -253,9 +253,12 @@ class GradStatsHook:
         self.prev, self.sizes, self.micro = None, [], []
         return out
 
-    def end(self, history: list[dict[str, float]]) -> None:
+    def end(self, history: list[dict[str, float]]) -> dict[str, float]:
+        """Writes the step log; returns run totals for the trainer's summary."""
         path = self.out_dir.parent / "train_steps.json"
         atomic_write_text(path, json.dumps({"steps": history, **self.extra}, indent=1))
+        totals = {"candidates": "candidate_pairs", "kept": "kept_pairs", "score_forward_tokens": "score_forward_tokens"}
+        return {v: self.extra[k] for k, v in totals.items() if k in self.extra}
 
 
 class SageStepHook(GradStatsHook):
@@ -318,7 +321,7 @@ class SageStepHook(GradStatsHook):
         self.step_cands = self.step_kept = 0
         return out
 
-    def end(self, history: list[dict[str, float]]) -> None:
+    def end(self, history: list[dict[str, float]]) -> dict[str, float]:
         ls = np.log10(np.maximum(np.asarray(self.log["score"]), 1e-300))
         lk = np.log10(np.maximum(np.asarray(self.log["kept_score"]), 1e-300))
         self.extra = {
@@ -331,7 +334,7 @@ class SageStepHook(GradStatsHook):
             "score_hist_kept": histogram(lk, SCORE_EDGES), "margin_edges": MARGIN_EDGES,
             "margin_hist_all": histogram(self.log["mu"], MARGIN_EDGES),
             "margin_hist_kept": histogram(self.log["kept_mu"], MARGIN_EDGES)}
-        super().end(history)
+        return super().end(history)
 
 
 def _sq(x: torch.Tensor) -> float:

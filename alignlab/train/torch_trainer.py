@@ -138,12 +138,11 @@ class TorchTrainer:
             if logger is not None and (step % self.log_every == 0 or step == total_steps - 1):
                 logger.log({f"train/{k}": v for k, v in vals.items()})
         out = Path(out_dir)
-        if hook:
-            hook.end(history)
+        extra = hook.end(history) if hook else {}  # run totals, e.g. SAGE's scoring forward tokens
         save_checkpoint(model, tok, out, source_dir=policy_dir)
         keys = dict.fromkeys(k for h in history for k in h)  # a hook may report some keys on some steps only
         summary = {k: sum(v) / len(v) for k in keys for v in [[h[k] for h in history if k in h]]}
-        summary["train_seconds"] = time.time() - t0
+        summary.update(extra or {}, train_seconds=time.time() - t0)
         return TrainResult(steps=total_steps, trained_tokens=trained_tokens, history=history, summary=summary)
 
 
