@@ -111,7 +111,7 @@ def pairs_key(pairs: list[Pair]) -> str:
 
 def rollout_diagnostics(problems: list[Problem], rollouts: list[Rollout]) -> dict[str, float]:
     """Entropy / collapse diagnostics from the round's samples (pass@k, distinct answers, entropy)."""
-    groups = group_by_problem([r for r in rollouts if r.source == "policy"])
+    groups = group_by_problem([r for r in rollouts if r.source != "refined"])
     pass_k, rate, distinct, ent, finished = [], [], [], [], []
     for p in problems:
         rs = groups.get(p.id, [])
@@ -186,7 +186,7 @@ def _rounds(cfg, out_dir, spec, data, gen, sampler, verifier, pair_builder, sele
         rd = out_dir / f"round_{k}"
         rd.mkdir(exist_ok=True)
         ledger = Ledger(rd / "ledger.json")
-        ctx = SampleContext(start_dir, gen, spec, tok, verifier, seed=int(cfg.seed) * 1_000_003 + k)
+        ctx = SampleContext(start_dir, gen, spec, tok, verifier, seed=int(cfg.seed) * 1_000_003 + k, base_dir=base_dir)
         problems = jsonl_stage(rd / "prompts.jsonl", Problem, ledger, "prompts",
                                lambda: (data.train(k), {}))
         gold = {p.id: p.answer for p in problems}

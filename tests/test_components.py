@@ -233,3 +233,15 @@ def test_wandb_logger_writes_offline_run_inside_the_output_dir(tmp_path, monkeyp
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
     with pytest.raises(ValueError, match="mode must be"):
         WandbLogger(mode="sometimes")
+
+
+def test_mixed_policy_sampler_draws_lambda_share_on_policy(tiny_dir):
+    from alignlab.sampling import MixedPolicySampler
+
+    problems = arith.ArithDataset(train_prompts=3).train(1)
+    rs = MixedPolicySampler(n=4, on_policy=0.5).sample(problems, _ctx(tiny_dir))
+    assert len(rs) == 12
+    assert sorted(r.source for r in rs if r.problem_id == problems[0].id) == ["base", "base", "policy", "policy"]
+    assert sorted(r.sample_index for r in rs if r.problem_id == problems[0].id) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="on_policy"):
+        MixedPolicySampler(on_policy=1.5)

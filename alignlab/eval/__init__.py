@@ -46,7 +46,11 @@ class HeldoutEval:
         self.verifier, self.limit = verifier, limit
 
     def evaluate(self, model_dir, generator, spec, tokenizer, problems: list[Problem] | None = None) -> dict[str, Any]:
-        problems = (problems or [])[: self.limit] if self.limit else (problems or [])
+        if problems is None:  # standalone `alignlab eval`: the embedded task's held-out set
+            from alignlab.data.arith import ArithDataset
+
+            problems = ArithDataset().heldout()
+        problems = problems[: self.limit] if self.limit else problems
         correct, outs = greedy_correct(model_dir, generator, spec, tokenizer, problems, self.verifier)
         acc, se = accuracy_se(correct)
         by: dict[str, list[bool]] = defaultdict(list)

@@ -16,15 +16,18 @@ from alignlab.records import Problem, Rollout
 class SampleContext:
     """What a sampler may use: the policy directory, generator, prompt renderer and verifier."""
 
-    def __init__(self, model_dir: str, generator: Generator, spec: ModelSpec, tokenizer, verifier, seed: int) -> None:
+    def __init__(self, model_dir: str, generator: Generator, spec: ModelSpec, tokenizer, verifier, seed: int,
+                 base_dir: str | None = None) -> None:
         self.model_dir, self.generator, self.spec = model_dir, generator, spec
         self.tokenizer, self.verifier, self.seed = tokenizer, verifier, seed
+        self.base_dir = base_dir or model_dir
 
-    def sample(self, problems: list[Problem], n: int, seed_offset: int = 0, source: str = "policy") -> list[Rollout]:
+    def sample(self, problems: list[Problem], n: int, seed_offset: int = 0, source: str = "policy",
+               model_dir: str | None = None, first_index: int = 0) -> list[Rollout]:
         prompts = [self.spec.render(self.tokenizer, p.prompt) for p in problems]
-        outs = self.generator.generate(self.model_dir, prompts, n, seed=self.seed + seed_offset)
+        outs = self.generator.generate(model_dir or self.model_dir, prompts, n, seed=self.seed + seed_offset)
         return [Rollout(problem_id=p.id, text=s.text, tokens=s.tokens, logprob_sum=s.logprob_sum, source=source,
-                        sample_index=j, meta={"entropy": s.entropy, "finished": s.finished})
+                        sample_index=first_index + j, meta={"entropy": s.entropy, "finished": s.finished})
                 for p, samples in zip(problems, outs) for j, s in enumerate(samples)]
 
 
@@ -44,3 +47,26 @@ class BestOfNSampler:
 
     def sample(self, problems: list[Problem], ctx: SampleContext) -> list[Rollout]:
         return ctx.sample(problems, self.n)
+
+
+class MixedPolicySampler:
+    """A share ``on_policy`` (lambda) of the N samples from the current policy, the rest from pi_0.
+
+    lambda = 1 is Best-of-N; lambda < 1 mixes in base-model samples (ipo_dynamics.md: the on-policy
+    sampling share that governs oscillation and collapse).
+    """
+
+    def __init__(self, n: int = 8, on_policy: float = 0.5) -> None:
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if not 0.0 <= on_policy <= 1.0:
+            raise ValueError(f"on_policy must be in [0, 1], got {on_policy}")
+        self.n, self.on_policy = n, on_policy
+
+    def sample(self, problems: list[Problem], ctx: SampleContext) -> list[Rollout]:
+        k = round(self.on_policy * self.n)
+        out = ctx.sample(problems, k) if k else []
+        if self.n - k:
+            out += ctx.sample(problems, self.n - k, seed_offset=7, source="base", model_dir=ctx.base_dir,
+                              first_index=k)
+        return out
