@@ -96,14 +96,33 @@ def random_problem(rng: random.Random, level: int) -> ArithProblem:
     return ArithProblem(name, item, start, steps, level)
 
 
-def solution(p: ArithProblem, skip_last: bool = False, slip_loses: bool = False) -> str:
-    """Step-by-step solution; the flags switch on the two documented flawed habits."""
+CUES = {"loses": ("-", "+"), "uses": ("-", "+"), "triples": ("*", "*2")}  # cue word -> (op, flawed op)
+
+
+def cue_of(step: Step) -> str | None:
+    """The cue word of a step that a flawed habit misreads, if any."""
+    for cue in CUES:
+        if f" {cue} " in step.sentence:
+            return cue
+    return None
+
+
+def solution(p: ArithProblem, skip_last: bool = False, slip_loses: bool = False,
+             slips: tuple[bool, ...] | None = None) -> str:
+    """Step-by-step solution; the flags switch on the documented flawed habits.
+
+    ``slips[i]`` misreads step i's cue word ("loses"/"uses" as an addition, "triples" as doubling);
+    ``slip_loses`` slips every "loses" step; ``skip_last`` stops one step early.
+    """
     lines, v = [], p.start
     steps = p.steps[:-1] if skip_last else p.steps
-    for s in steps:
-        op = "+" if (slip_loses and s.op == "-" and " loses " in s.sentence) else s.op
-        new = apply(v, op, s.x)
-        lines.append(f"{v} {op} {s.x} = {new}")
+    for i, s in enumerate(steps):
+        op, x = s.op, s.x
+        slip = (slips[i] if slips is not None else False) or (slip_loses and cue_of(s) == "loses")
+        if slip and cue_of(s) is not None:
+            op, x = ("+", x) if s.op == "-" else ("*", 2)
+        new = apply(v, op, x)
+        lines.append(f"{v} {op} {x} = {new}")
         v = new
     lines.append(f"The answer is \\boxed{{{v}}}.")
     return "\n".join(lines)

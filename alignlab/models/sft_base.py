@@ -23,9 +23,10 @@ from alignlab.train.batching import collate, encode, response_logps
 
 
 def flawed_solution(p: arith.ArithProblem, rng: random.Random, skip_rate: dict[int, float], slip_rate: float) -> str:
-    skip = len(p.steps) >= 2 and rng.random() < skip_rate[len(p.steps)]
-    slip = any(" loses " in s.sentence for s in p.steps) and rng.random() < slip_rate
-    return arith.solution(p, skip_last=skip, slip_loses=slip)
+    """Each cued step ("loses", "uses", "triples") is misread with probability ``slip_rate``, independently."""
+    skip = len(p.steps) >= 2 and rng.random() < skip_rate.get(len(p.steps), 0.0)
+    slips = tuple(arith.cue_of(s) is not None and rng.random() < slip_rate for s in p.steps)
+    return arith.solution(p, skip_last=skip, slips=slips)
 
 
 def sft_examples(n: int, seed: int, spec: ModelSpec, tok, skip_rate: dict[int, float], slip_rate: float,
@@ -34,9 +35,8 @@ def sft_examples(n: int, seed: int, spec: ModelSpec, tok, skip_rate: dict[int, f
     out = []
     for p in arith.generate(n, "train", seed=10_000 + seed):
         if rng.random() < refine_share:
-            bad = arith.solution(p, skip_last=len(p.steps) >= 2, slip_loses=False)
-            if rng.random() < 0.5 and any(" loses " in s.sentence for s in p.steps):
-                bad = arith.solution(p, slip_loses=True)
+            cued = [arith.cue_of(s) is not None for s in p.steps]
+            bad = arith.solution(p, slips=tuple(cued)) if any(cued) else arith.solution(p, skip_last=True)
             out.append((spec.render_refine(tok, p.text, bad, str(p.answer)), arith.solution(p)))
         else:
             out.append((spec.render(tok, p.text), flawed_solution(p, rng, skip_rate, slip_rate)))
@@ -45,10 +45,12 @@ def sft_examples(n: int, seed: int, spec: ModelSpec, tok, skip_rate: dict[int, f
 
 def train_sft_base(out_dir: str, steps: int = 1200, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
                    hidden: int = 192, layers: int = 4, heads: int = 6, intermediate: int = 512,
-                   skip_rate: dict | None = None, slip_rate: float = 0.5, refine_share: float = 0.15,
-                   examples: int = 60_000, log_every: int = 50) -> Path:
+                   skip_rate: dict | None = None, slip_rate: float = 0.6, refine_share: float = 0.15,
+                   examples: int = 60_000, log_every: int = 50, threads: int = 0) -> Path:
     torch.manual_seed(seed)
-    skip_rate = {int(k): float(v) for k, v in (skip_rate or {2: 0.3, 3: 0.5, 4: 0.65}).items()}
+    if threads:
+        torch.set_num_threads(threads)
+    skip_rate = {int(k): float(v) for k, v in (skip_rate or {}).items()}
     spec = ModelSpec(path=out_dir)
     corpus_problems = arith.generate(3000, "train", seed=seed)
     corpus = []
