@@ -1,0 +1,186 @@
+"""trainer=deepspeed_zero2/3: 2 CPU ranks (gloo) reproduce TorchTrainer step by step; a killed round resumes.
+
+Batches are TorchTrainer's with ``batch_size = ranks * micro_batch_size``; the settings below (17 pairs,
+micro 2 x 2 ranks, accumulation 3, 2 epochs = 4 steps) include a micro-batch with fewer pairs than ranks and
+a last step with fewer micro-batches than the accumulation, so the zero-weight padding path runs too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignlab.config import ConfigError
+from alignlab.data.arith import generate, solution
+from alignlab.losses import DPOLoss
+from alignlab.models import ModelSpec, load_model, load_tokenizer
+from alignlab.records import Pair
+from alignlab.train.deepspeed_trainer import DeepSpeedTrainer
+from alignlab.train.torch_trainer import TorchTrainer, reference_logps
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+SETTINGS = {"lr": 1e-3, "epochs": 2, "max_length": 160, "warmup_ratio": 0.25, "weight_decay": 0.01}
+MICRO, RANKS, ACCUM, SEED = 2, 2, 3, 11
+LOSS = DPOLoss(beta=0.1, label_smoothing=0.1)
+
+
+@pytest.fixture(scope="module")
+def model_dir(request) -> Path:
+    """The embedded checkpoint, or ``$ALIGNLAB_TEST_MODEL`` (any HF directory of the same kind)."""
+    env = os.environ.get("ALIGNLAB_TEST_MODEL")
+    return Path(env) if env else request.getfixturevalue("tiny_dir")
+
+
+@pytest.fixture(scope="module")
+def job(model_dir, tmp_path_factory):
+    """17 (correct, one-step-short) pairs, their reference log-probs and TorchTrainer's run on them."""
+    tok = load_tokenizer(model_dir)
+    spec = ModelSpec(path=str(model_dir))
+    ps = generate(17, "train", seed=5, levels=(3, 4, 5, 6))
+    pairs = [Pair(str(i), spec.render(tok, p.text), solution(p), solution(p, skip_last=True))
+             for i, p in enumerate(ps)]
+    ref = reference_logps(model_dir, pairs, max_len=SETTINGS["max_length"])
+    out = tmp_path_factory.mktemp("torch") / "checkpoint"
+    torch.set_num_threads(2)
+    res = TorchTrainer(batch_size=MICRO * RANKS, grad_accum=ACCUM, device="cpu", **SETTINGS).train(
+        model_dir, pairs, ref, LOSS, out, seed=SEED)
+    assert res.steps == 4
+    return {"pairs": pairs, "ref": ref, "torch": res, "torch_dir": out}
+
+
+def ds_trainer(stage: int, **kw) -> DeepSpeedTrainer:
+    zero = {"stage": stage}
+    if stage == 3:
+        zero["stage3_param_persistence_threshold"] = 0  # partition every tensor, even the tiny model's
+    return DeepSpeedTrainer(micro_batch_size=MICRO, grad_accum=ACCUM, ranks=RANKS, threads_per_rank=1,
+                            deepspeed={"zero_optimization": zero}, **SETTINGS, **kw)
+
+
+def assert_same_run(job, res, out: Path) -> None:
+    ref = job["torch"]
+    assert res.steps == ref.steps and res.trained_tokens == ref.trained_tokens
+    assert [h["step"] for h in res.history] == [h["step"] for h in ref.history]
+    for a, b in zip(ref.history, res.history):
+        assert abs(a["loss"] - b["loss"]) < 1e-4, (a, b)
+        assert abs(a["lr"] - b["lr"]) < 1e-12
+        assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-3 * max(1.0, a["grad_norm"])
+        assert set(a) == set(b)
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    assert not out.with_name(out.name + ".tmp").exists()
+    want, got = load_model(job["torch_dir"]).state_dict(), load_model(out).state_dict()
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-4, rtol=1e-3, msg=k)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_on_two_cpu_ranks_matches_torch_trainer(job, model_dir, tmp_path, stage):
+    out = tmp_path / "checkpoint"
+    res = ds_trainer(stage, checkpoint_every=0).train(model_dir, job["pairs"], job["ref"], LOSS, out, seed=SEED)
+    assert res.summary["ranks"] == RANKS and res.summary["zero_stage"] == stage
+    assert_same_run(job, res, out)
+    assert not (tmp_path / "checkpoint.ds" / "ds_ckpt").exists()  # dropped once the HF checkpoint exists
+
+
+KILL_SCRIPT = """
+import json, pickle, sys
+from alignlab.records import Pair
+from alignlab.train.deepspeed_trainer import DeepSpeedTrainer
+a = pickle.load(open(sys.argv[1], "rb"))
+DeepSpeedTrainer(**a["kw"]).train(a["model"], a["pairs"], a["ref"], a["loss"], a["out"], seed=a["seed"])
+"""
+
+
+def test_killed_round_resumes_from_the_deepspeed_checkpoint(job, model_dir, tmp_path):
+    import pickle
+
+    out = tmp_path / "checkpoint"
+    trainer = ds_trainer(3, checkpoint_every=1)
+    kw = {"micro_batch_size": MICRO, "grad_accum": ACCUM, "ranks": RANKS, "threads_per_rank": 1,
+          "checkpoint_every": 1, "deepspeed": {"zero_optimization": {"stage": 3,
+                                                                     "stage3_param_persistence_threshold": 0}},
+          **SETTINGS}
+    args = tmp_path / "args.pkl"
+    args.write_bytes(pickle.dumps({"kw": kw, "model": str(model_dir), "pairs": job["pairs"], "ref": job["ref"],
+                                   "loss": LOSS, "out": str(out), "seed": SEED}))
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(args)], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = tmp_path / "checkpoint.ds" / "ds_ckpt" / "latest"
+    deadline = time.time() + 240
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole round: runner, launcher and both ranks
+    proc.wait()
+    assert latest.exists(), "no DeepSpeed checkpoint appeared"
+    assert not (out / "config.json").exists(), "the round finished before it could be killed"
+    killed_at = int(latest.read_text().strip().removeprefix("step"))
+    assert 1 <= killed_at < 4
+    res = trainer.train(model_dir, job["pairs"], job["ref"], LOSS, out, seed=SEED)
+    log = (tmp_path / "checkpoint.ds" / "launcher.log").read_text()
+    assert "resumed from DeepSpeed checkpoint" in log
+    assert res.summary["resumed_from_step"] >= killed_at
+    assert_same_run(job, res, out)
+
+
+def test_a_deepspeed_run_is_not_resumed_for_other_inputs(job, model_dir, tmp_path):
+    """A stale work dir (other pairs or settings) is wiped, never resumed from."""
+    out = tmp_path / "checkpoint"
+    work = tmp_path / "checkpoint.ds"
+    (work / "ds_ckpt" / "step2").mkdir(parents=True)
+    (work / "ds_ckpt" / "latest").write_text("step2")
+    (work / "job.json").write_text(json.dumps({"fingerprint": "another job"}))
+    t = ds_trainer(2)
+    t._prepare(work, t._job("train", model_dir, out, SEED), "this job", job["pairs"], job["ref"], LOSS)
+    assert not (work / "ds_ckpt").exists() and json.loads((work / "job.json").read_text())["fingerprint"] == "this job"
+
+
+@pytest.mark.parametrize("kw, key", [
+    ({"micro_batch_size": 0}, "micro_batch_size"),
+    ({"ranks": 0}, "ranks"),
+    ({"optimizer": "sgd"}, "optimizer"),
+    ({"launcher": "mpirun"}, "launcher"),
+    ({"hostfile": "/nonexistent/hostfile", "launcher": "deepspeed"}, "hostfile"),
+    ({"deepspeed": {"zero_optimization": {"stage": 4}}}, "zero_optimization.stage"),
+    ({"deepspeed": {"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}}, "offload_param"),
+    ({"deepspeed": {"train_micro_batch_size_per_gpu": 8}, "micro_batch_size": 4}, "train_micro_batch_size_per_gpu"),
+    ({"deepspeed": {"fp16": {"enabled": True}}}, "fp16"),
+])
+def test_impossible_settings_fail_at_construction_naming_the_argument(kw, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        DeepSpeedTrainer(**kw)
+
+
+def test_config_group_builds_and_fills_auto_values():
+    from hydra import compose, initialize_config_dir
+
+    from alignlab import config as C
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        for name, stage in (("deepspeed_zero2", 2), ("deepspeed_zero3", 3)):
+            cfg = compose("config", overrides=[f"trainer={name}", "trainer.micro_batch_size=1",
+                                               "trainer.grad_accum=16", "trainer.ranks=8",
+                                               "trainer.deepspeed.bf16.enabled=true",
+                                               "trainer.deepspeed.zero_optimization.offload_optimizer.device=cpu"])
+            C.validate_node("trainer", cfg.trainer, {"trainer": name})
+            t = C.build("trainer", cfg.trainer, {"trainer": name})
+            ds = t.ds_config
+            assert ds["train_micro_batch_size_per_gpu"] == 1 and ds["gradient_accumulation_steps"] == 16
+            assert ds["zero_optimization"]["stage"] == stage and ds["bf16"]["enabled"] is True
+            assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+            assert t.batch_size == 8 and t.world_size() == 8
+            cmd = t.launch_command(Path("/w"))
+            assert cmd[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node=8", "--standalone"]
+            assert cmd[-3:] == ["-m", "alignlab.train.ds_worker", "/w"]
+            bad = compose("config", overrides=[f"trainer={name}", "trainer.deepspeed.zero_optimization.stage=5"])
+            with pytest.raises(ConfigError, match=f"trainer: .*stage.*conf/trainer/{name}.yaml"):
+                C.build("trainer", bad.trainer, {"trainer": name})
