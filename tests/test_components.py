@@ -182,7 +182,7 @@ def _pairs(tiny_dir, n=8):
 def test_torch_trainer_dpo_raises_the_margin_and_saves_hf_dir(tiny_dir, tmp_path):
     pairs = _pairs(tiny_dir)
     ref = reference_logps(tiny_dir, pairs)
-    tr = TorchTrainer(lr=3e-3, epochs=3, batch_size=4, grad_accum=2, warmup_ratio=0.0)
+    tr = TorchTrainer(lr=3e-4, epochs=3, batch_size=4, grad_accum=2, warmup_ratio=0.0)
     res = tr.train(tiny_dir, pairs, ref, DPOLoss(beta=0.5), tmp_path / "ckpt", seed=0)
     assert (tmp_path / "ckpt" / "model.safetensors").exists() and res.steps == 3
     assert res.history[-1]["rewards/margin"] > res.history[0]["rewards/margin"]
