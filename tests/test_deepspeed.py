@@ -83,11 +83,10 @@ def assert_same_run(job, res, out: Path) -> None:
         torch.testing.assert_close(got[k], want[k], atol=1e-4, rtol=1e-3, msg=k)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero_on_two_cpu_ranks_matches_torch_trainer(job, model_dir, tmp_path, stage):
+def test_zero2_on_two_cpu_ranks_matches_torch_trainer(job, model_dir, tmp_path):
     out = tmp_path / "checkpoint"
-    res = ds_trainer(stage, checkpoint_every=0).train(model_dir, job["pairs"], job["ref"], LOSS, out, seed=SEED)
-    assert res.summary["ranks"] == RANKS and res.summary["zero_stage"] == stage
+    res = ds_trainer(2, checkpoint_every=2).train(model_dir, job["pairs"], job["ref"], LOSS, out, seed=SEED)
+    assert res.summary["ranks"] == RANKS and res.summary["zero_stage"] == 2 and "resumed_from_step" not in res.summary
     assert_same_run(job, res, out)
     assert not (tmp_path / "checkpoint.ds" / "ds_ckpt").exists()  # dropped once the HF checkpoint exists
 
@@ -101,7 +100,9 @@ DeepSpeedTrainer(**a["kw"]).train(a["model"], a["pairs"], a["ref"], a["loss"], a
 """
 
 
-def test_killed_round_resumes_from_the_deepspeed_checkpoint(job, model_dir, tmp_path):
+def test_zero3_round_killed_mid_way_resumes_and_matches_torch_trainer(job, model_dir, tmp_path):
+    """ZeRO-3 (every tensor partitioned): steps before the kill come from the killed run, the rest from the
+    resumed one; together they must equal TorchTrainer's steps and final weights."""
     import pickle
 
     out = tmp_path / "checkpoint"
@@ -115,7 +116,7 @@ def test_killed_round_resumes_from_the_deepspeed_checkpoint(job, model_dir, tmp_
                                    "loss": LOSS, "out": str(out), "seed": SEED}))
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(args)], cwd=ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest = tmp_path / "checkpoint.ds" / "ds_ckpt" / "latest"
+    latest = tmp_path / "checkpoint.ds" / "ds_ckpt" / "complete"  # the newest checkpoint all ranks finished
     deadline = time.time() + 240
     while not latest.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -128,8 +129,16 @@ def test_killed_round_resumes_from_the_deepspeed_checkpoint(job, model_dir, tmp_
     res = trainer.train(model_dir, job["pairs"], job["ref"], LOSS, out, seed=SEED)
     log = (tmp_path / "checkpoint.ds" / "launcher.log").read_text()
     assert "resumed from DeepSpeed checkpoint" in log
-    assert res.summary["resumed_from_step"] >= killed_at
+    assert res.summary["resumed_from_step"] >= killed_at and res.summary["zero_stage"] == 3
     assert_same_run(job, res, out)
+
+
+def test_reference_logps_on_zero3_ranks_match_a_single_process(job, model_dir):
+    got = ds_trainer(3).reference_logps(model_dir, job["pairs"], max_len=SETTINGS["max_length"])
+    want = job["ref"]
+    assert got["chosen_tokens"] == want["chosen_tokens"] and got["rejected_tokens"] == want["rejected_tokens"]
+    for k in ("chosen", "rejected"):
+        assert max(abs(a - b) for a, b in zip(got[k], want[k])) < 1e-3
 
 
 def test_a_deepspeed_run_is_not_resumed_for_other_inputs(job, model_dir, tmp_path):
@@ -137,7 +146,7 @@ def test_a_deepspeed_run_is_not_resumed_for_other_inputs(job, model_dir, tmp_pat
     out = tmp_path / "checkpoint"
     work = tmp_path / "checkpoint.ds"
     (work / "ds_ckpt" / "step2").mkdir(parents=True)
-    (work / "ds_ckpt" / "latest").write_text("step2")
+    (work / "ds_ckpt" / "complete").write_text("step2")
     (work / "job.json").write_text(json.dumps({"fingerprint": "another job"}))
     t = ds_trainer(2)
     t._prepare(work, t._job("train", model_dir, out, SEED), "this job", job["pairs"], job["ref"], LOSS)
@@ -147,6 +156,7 @@ def test_a_deepspeed_run_is_not_resumed_for_other_inputs(job, model_dir, tmp_pat
 @pytest.mark.parametrize("kw, key", [
     ({"micro_batch_size": 0}, "micro_batch_size"),
     ({"ranks": 0}, "ranks"),
+    ({"ranks": 3, "batch_size": 16}, "batch_size"),
     ({"optimizer": "sgd"}, "optimizer"),
     ({"launcher": "mpirun"}, "launcher"),
     ({"hostfile": "/nonexistent/hostfile", "launcher": "deepspeed"}, "hostfile"),
@@ -167,7 +177,7 @@ def test_config_group_builds_and_fills_auto_values():
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         for name, stage in (("deepspeed_zero2", 2), ("deepspeed_zero3", 3)):
-            cfg = compose("config", overrides=[f"trainer={name}", "trainer.micro_batch_size=1",
+            cfg = compose("config", overrides=[f"trainer={name}", "trainer.batch_size=null", "trainer.micro_batch_size=1",
                                                "trainer.grad_accum=16", "trainer.ranks=8",
                                                "trainer.deepspeed.bf16.enabled=true",
                                                "trainer.deepspeed.zero_optimization.offload_optimizer.device=cpu"])
@@ -181,6 +191,10 @@ def test_config_group_builds_and_fills_auto_values():
             cmd = t.launch_command(Path("/w"))
             assert cmd[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node=8", "--standalone"]
             assert cmd[-3:] == ["-m", "alignlab.train.ds_worker", "/w"]
+            # an experiment written for trainer=torch (quickstart sets batch_size=16) gives the same batches
+            quick = compose("config", overrides=["experiment=quickstart", f"trainer={name}", "trainer.ranks=2"])
+            t = C.build("trainer", quick.trainer, {"trainer": name})
+            assert t.micro_batch_size == 8 and t.batch_size == quick.trainer.batch_size == 16
             bad = compose("config", overrides=[f"trainer={name}", "trainer.deepspeed.zero_optimization.stage=5"])
             with pytest.raises(ConfigError, match=f"trainer: .*stage.*conf/trainer/{name}.yaml"):
                 C.build("trainer", bad.trainer, {"trainer": name})

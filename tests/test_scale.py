@@ -57,11 +57,10 @@ def tiny_qwen(tokenizer_dir, tmp_path_factory) -> Path:
 def compose(*overrides: str):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
-
-    import alignlab.config  # noqa: F401 - registers the run schema
-
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf, open_dict
+
+    import alignlab.config  # noqa: F401 - registers the run schema
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         cfg = hydra_compose("config", overrides=list(overrides), return_hydra_config=True)

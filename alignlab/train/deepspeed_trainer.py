@@ -62,7 +62,7 @@ class DeepSpeedTrainer:
     """Data-parallel DPO-family training with DeepSpeed ZeRO-2/3, launched as a subprocess per round."""
 
     def __init__(self, lr: float = 1e-4, epochs: int = 2, micro_batch_size: int = 4, grad_accum: int = 1,
-                 ranks: int | None = None, max_grad_norm: float = 1.0, warmup_ratio: float = 0.1,
+                 ranks: int | None = None, batch_size: int | None = None, max_grad_norm: float = 1.0, warmup_ratio: float = 0.1,
                  weight_decay: float = 0.0, max_length: int = 1024, max_grad_norm_abort: float = 1e6,
                  log_every: int = 10, gradient_checkpointing: bool = False, optimizer: str = "torch",
                  checkpoint_every: int = 50, launcher: str = "torchrun", hostfile: str | None = None,
@@ -90,13 +90,19 @@ class DeepSpeedTrainer:
             raise ValueError(f"hostfile: no such file {hostfile}")
         if launcher == "deepspeed" and shutil.which("deepspeed") is None and _missing("deepspeed"):
             raise ValueError("launcher=deepspeed needs DeepSpeed installed (pip install deepspeed)")
+        self.ranks, self.hostfile = ranks, hostfile
+        if batch_size is not None:  # TorchTrainer's knob (experiments set it): the same batches on `ranks` ranks
+            n = self.world_size()
+            if batch_size <= 0 or batch_size % n:
+                raise ValueError(f"batch_size must be a positive multiple of the number of ranks ({n}), got "
+                                 f"{batch_size}; or set batch_size=null and micro_batch_size (per rank)")
+            micro_batch_size = batch_size // n
         self.lr, self.epochs, self.micro_batch_size, self.grad_accum = lr, epochs, micro_batch_size, grad_accum
-        self.ranks, self.max_grad_norm, self.warmup_ratio, self.weight_decay = ranks, max_grad_norm, warmup_ratio, \
-            weight_decay
+        self.max_grad_norm, self.warmup_ratio, self.weight_decay = max_grad_norm, warmup_ratio, weight_decay
         self.max_length, self.max_grad_norm_abort, self.log_every = max_length, max_grad_norm_abort, log_every
         self.gradient_checkpointing, self.optimizer, self.checkpoint_every = gradient_checkpointing, optimizer, \
             checkpoint_every
-        self.launcher, self.hostfile, self.master_port = launcher, hostfile, master_port
+        self.launcher, self.master_port = launcher, master_port
         self.threads_per_rank, self.keep_workdir = threads_per_rank, keep_workdir
         self.ds_config = self._resolve(deepspeed)
 

@@ -33,6 +33,9 @@ from alignlab.train import NonFiniteLossError
 from alignlab.train.batching import Encoded, collate, response_logps
 from alignlab.train.torch_trainer import cosine_with_warmup, encode_pairs, length_buckets
 
+T0 = time.time()
+COMPLETE = "complete"  # names the newest DeepSpeed checkpoint all ranks have finished writing
+
 
 def die_with_parent() -> None:
     """Linux: get SIGTERM when the launching process dies, so a killed run leaves no orphan ranks."""
@@ -90,8 +93,9 @@ def save_hf(module, tok, out: Path, state_dict: dict | None = None) -> None:
 
 
 def latest_tag(ckpt_dir: Path) -> str | None:
-    """The newest complete DeepSpeed checkpoint tag (``latest`` is written after the tag's files)."""
-    f = ckpt_dir / "latest"
+    """The newest complete DeepSpeed checkpoint. Not DeepSpeed's ``latest``: rank 0 writes that before the
+    other ranks are done, so a kill in between leaves it pointing at a partial checkpoint."""
+    f = ckpt_dir / COMPLETE
     if not f.exists():
         return None
     tag = f.read_text().strip()
@@ -113,7 +117,6 @@ def load_policy(job: dict[str, Any], ds_config: dict[str, Any], dtype: torch.dty
     return model
 
 
-T0 = time.time()
 
 
 def note(rank: int, msg: str) -> None:
@@ -242,14 +245,15 @@ def run_train(work: Path, job: dict[str, Any]) -> None:
 
 
 def save_ds_checkpoint(engine, ckpt_dir: Path, step: int, history: list[dict[str, float]], rank: int) -> None:
-    """Save ``step<k>`` (all ranks), then drop older tags: only the newest is kept, it can be large."""
+    """Save ``step<k>`` on all ranks, mark it complete once every rank is done, then drop older tags."""
     import torch.distributed as dist
 
     tag = f"step{step}"
-    engine.save_checkpoint(str(ckpt_dir), tag=tag,
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False,
                            client_state={"step": step, "history": history, "torch_rng": torch.get_rng_state()})
     dist.barrier()
     if rank == 0:
+        atomic_write_text(ckpt_dir / COMPLETE, tag)
         for d in ckpt_dir.iterdir():
             if d.is_dir() and d.name != tag:
                 shutil.rmtree(d, ignore_errors=True)
@@ -299,7 +303,7 @@ def run_logps(work: Path, job: dict[str, Any]) -> None:
     dist.barrier()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
     work = Path(args[0])
     die_with_parent()
@@ -330,8 +334,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(1)  # no barrier: other ranks may be stuck in a collective; the launcher tears them down
     dist.destroy_process_group()
-    return 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip interpreter teardown (seconds of torch/DeepSpeed atexit work); results are on disk
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
