@@ -172,9 +172,11 @@ def test_impossible_settings_fail_at_construction_naming_the_argument(kw, key):
 
 def test_config_group_builds_and_fills_auto_values():
     from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
     from alignlab import config as C
 
+    GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         for name, stage in (("deepspeed_zero2", 2), ("deepspeed_zero3", 3)):
             cfg = compose("config", overrides=[f"trainer={name}", "trainer.batch_size=null", "trainer.micro_batch_size=1",

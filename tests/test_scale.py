@@ -57,11 +57,13 @@ def tiny_qwen(tokenizer_dir, tmp_path_factory) -> Path:
 def compose(*overrides: str):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf, open_dict
 
     import alignlab.config  # noqa: F401 - registers the run schema
 
+    GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         cfg = hydra_compose("config", overrides=list(overrides), return_hydra_config=True)
     with open_dict(cfg):
