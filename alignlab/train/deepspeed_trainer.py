@@ -270,7 +270,10 @@ class DeepSpeedTrainer:
 
     def _launch(self, work: Path, on_progress) -> None:
         cmd = self.launch_command(work)
+        import socket
+
         env = {**os.environ, "OMP_NUM_THREADS": str(self._threads()), "TOKENIZERS_PARALLELISM": "false",
+               "ALIGNLAB_RUNNER_PID": str(os.getpid()), "ALIGNLAB_RUNNER_HOST": socket.gethostname(),
                "PYTHONPATH": os.pathsep.join([str(PACKAGE_PARENT), *filter(None, [os.environ.get("PYTHONPATH")])])}
         log.info("trainer: launching %d rank(s): %s", self.world_size(), " ".join(cmd))
         logf = open(work / "launcher.log", "ab")

@@ -38,11 +38,30 @@ COMPLETE = "complete"  # names the newest DeepSpeed checkpoint all ranks have fi
 
 
 def die_with_parent() -> None:
-    """Linux: get SIGTERM when the launching process dies, so a killed run leaves no orphan ranks."""
+    """A killed run must leave no orphan ranks: SIGTERM when the launcher dies (Linux), and, on the runner's
+    host, exit when the runner itself is gone (the deepspeed launcher is two processes deep)."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+    import socket
+    import threading
+
+    pid = int(os.environ.get("ALIGNLAB_RUNNER_PID", "0"))
+    if not pid or os.environ.get("ALIGNLAB_RUNNER_HOST") != socket.gethostname():
+        return
+
+    def watch() -> None:
+        while True:
+            time.sleep(2.0)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:
+                pass
+
+    threading.Thread(target=watch, daemon=True, name="runner-watch").start()
 
 
 def read_pairs(path: Path) -> list[Pair]:
