@@ -212,10 +212,10 @@ def test_tiny_model_refinement_gives_gated_pairs_at_effective_n_between_2_and_3(
     tok = load_tokenizer(tiny_dir)
     spec = ModelSpec(path=str(tiny_dir), refine_template="{problem}\nPrevious attempt:\n{attempt}\nThe correct final "
                                                          "answer is {answer}. Write a corrected solution.")
-    probs = [arith.to_problem(p) for p in arith.generate(16, "train", seed=5, levels=(1, 2, 3, 4))]
+    probs = [arith.to_problem(p) for p in arith.generate(24, "train", seed=5, levels=(1, 3))]
     ctx = SampleContext(str(tiny_dir), HFGenerator(max_new_tokens=48, batch_size=64), spec, tok,
                         ArithExactVerifier(), seed=11)
-    s = PaceSampler(n=2, gates=[VerifiedGate(), NoHintLeakGate(), FormatGate(), ArithStepsGate()])
+    s = PaceSampler(n=2, gates=[VerifiedGate(), NoHintLeakGate(), FormatGate(), ArithStepsGate()], greedy_refine=True)
     rs = s.sample(probs, ctx)
     assert 2 < len(rs) / len(probs) < 3
     assert s.last_gate_counts[PASS] >= 1, s.last_gate_counts

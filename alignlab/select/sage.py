@@ -136,14 +136,18 @@ class SageSelector:
         return top_k(scores, keep_count(self.keep_ratio, len(scores)), rng, buckets if props else None, props)
 
     def plan(self, pairs: Sequence[Pair]) -> dict[str, Any]:
-        """The round's curriculum decision (competence, stage, per-pair buckets) from the pool alone."""
-        if self.curriculum is None:
-            return {"competence": None, "stage": None, "buckets": None}
-        comp = self.curriculum.competence(pairs)
+        """The round's curriculum decision (competence, stage, per-pair buckets) from the pool alone.
+
+        Buckets are always computed (for the kept-per-bucket log); ``stage`` is None without a curriculum.
+        """
+        cur = self.curriculum or Curriculum()
+        comp = cur.competence(pairs)
         if comp is None:
-            log.warning("sage: no pair records a pass_rate; the curriculum is off this round")
+            if self.curriculum is not None:
+                log.warning("sage: no pair records a pass_rate; the curriculum is off this round")
             return {"competence": None, "stage": None, "buckets": None}
-        return {"competence": comp, "stage": self.curriculum.stage(comp), "buckets": self.curriculum.buckets(pairs)}
+        stage = cur.stage(comp) if self.curriculum is not None else None
+        return {"competence": comp, "stage": stage, "buckets": cur.buckets(pairs)}
 
     def select(self, pairs: list[Pair], seed: int, scorer=None) -> list[Selected]:
         if not pairs:
@@ -178,13 +182,14 @@ class SageSelector:
 def _bucket_info(plan: dict[str, Any], kept: Sequence[int]) -> dict[str, Any]:
     if plan["buckets"] is None:
         return {"competence": None, "stage": None}
+    stage = None if plan["stage"] is None else plan["stage"] + 1
     avail: dict[str, int] = {}
     took: dict[str, int] = {}
     for b in plan["buckets"]:
         avail[b] = avail.get(b, 0) + 1
     for i in kept:
         took[plan["buckets"][i]] = took.get(plan["buckets"][i], 0) + 1
-    return {"competence": plan["competence"], "stage": plan["stage"] + 1,
+    return {"competence": plan["competence"], "stage": stage,
             "buckets": {b: {"available": n, "kept": took.get(b, 0), "kept_fraction": took.get(b, 0) / n}
                         for b, n in sorted(avail.items())}}
 

@@ -27,7 +27,7 @@ from alignlab.select.curriculum import Curriculum  # noqa: E402
 BUCKETS = ("easy", "medium", "hard")
 # study -> the run folders its report compares
 REPORTS = {"sage_vs_dpo": ["sage_vs_dpo"], "ablations": ["ablations"],
-           "keep_ratio": ["keep_ratio"]}
+           "keep_ratio": ["keep_ratio", "keep_ratio_controls"], "pool_fixed": ["pool_fixed"]}
 
 
 def run_stats(d: Path) -> dict | None:
@@ -55,12 +55,13 @@ def run_stats(d: Path) -> dict | None:
                 if b in BUCKETS:
                     out["avail"][b] += v["candidates"]
                     out["kept"][b] += v["kept"]
-            for h in ("score_hist_all", "score_hist_kept", "margin_hist_all", "margin_hist_kept"):
-                out["hist"][h] = (np.add(out["hist"][h], ts[h]) if h in out["hist"] else np.asarray(ts[h])).tolist()
-            out["hist"]["score_edges"], out["hist"]["margin_edges"] = ts["score_log10_edges"], ts["margin_edges"]
+            _add_hists(out["hist"], ts)
             continue
         pairs = read_jsonl(rd / "pairs.jsonl")
         sel = read_jsonl(rd / "selected.jsonl")
+        info = sel[0]["pair"]["meta"].get("sage_round", {}) if sel else {}
+        if "score_hist_all" in info:  # pool granularity: the round's histograms ride on the first kept pair
+            _add_hists(out["hist"], info)
         for p in pairs:
             b = cur.bucket(p["meta"].get("pass_rate"))
             out["avail"][b] = out["avail"].get(b, 0) + 1
@@ -70,14 +71,21 @@ def run_stats(d: Path) -> dict | None:
     return out
 
 
+def _add_hists(acc: dict, src: dict) -> None:
+    for h in ("score_hist_all", "score_hist_kept", "margin_hist_all", "margin_hist_kept"):
+        acc[h] = (np.add(acc[h], src[h]) if h in acc else np.asarray(src[h])).tolist()
+    acc["score_edges"], acc["margin_edges"] = src["score_log10_edges"], src["margin_edges"]
+
+
 def mean_se(xs: list[float]) -> str:
     xs = [x for x in xs if x is not None and math.isfinite(x)]
     if not xs:
         return ""
     m = float(np.mean(xs))
     se = float(np.std(xs, ddof=1) / math.sqrt(len(xs))) if len(xs) > 1 else float("nan")
-    big = abs(m) >= 1000
-    fmt = (lambda v: f"{v:,.0f}") if big else (lambda v: f"{v:.3f}")
+    whole = all(float(x).is_integer() for x in xs)
+    fmt = (lambda v: f"{v:,.0f}") if abs(m) >= 1000 or (whole and abs(m) >= 10) else \
+        (lambda v: f"{v:.1f}") if whole or abs(m) >= 10 else (lambda v: f"{v:.3f}")
     return fmt(m) + (f" ± {fmt(se)}" if math.isfinite(se) else "")
 
 
@@ -94,7 +102,8 @@ def table(configs: dict[str, list[dict]]) -> list[str]:
         gv = [np.mean([st["grad_var_micro"] for st in s if st["grad_var_micro"] is not None]) if s else None
               for s in steps]
         snr = [np.median([st["grad_snr"] for st in s if st["grad_snr"] is not None]) if s else None for s in steps]
-        kept = [f"{sum(r['kept'][b] for r in runs) / max(1, sum(r['avail'][b] for r in runs)):.2f}" for b in BUCKETS]
+        avail = {b: sum(r["avail"][b] for r in runs) for b in BUCKETS}
+        kept = [f"{sum(r['kept'][b] for r in runs) / avail[b]:.2f}" if avail[b] else "n/a" for b in BUCKETS]
         row = [f"`{name}`", str(len(runs)), mean_se(per_run(lambda r: r["base"])),
                f"**{mean_se(per_run(lambda r: r['final']))}**", mean_se(per_run(lambda r: r["final"] - r["base"])),
                mean_se(per_run(lambda r: r["steps"])), mean_se(per_run(lambda r: r["trained_tokens"])),

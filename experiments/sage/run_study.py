@@ -40,7 +40,15 @@ STUDIES: dict[str, list[tuple[str, list[str]]]] = {
                   ("summed", ["experiment=sage_ablations", "selector.length_normalized=false"]),
                   ("no_stability", ["experiment=sage_ablations", "selector.score=newton"]),
                   ("boundary_only", ["experiment=sage_ablations", "selector.score=boundary"])],
+    # reference=fixed: from round 2 on, pool-level margins (policy vs pi_0) are informative
+    "pool_fixed": [("dpo_full_fixed", ["experiment=sage_vs_dpo", "selector=full", "reference=fixed", "trainer.epochs=2"]),
+                   ("sage_pool_fixed", ["experiment=sage_vs_dpo", "selector=sage", "selector.granularity=pool",
+                                        "reference=fixed", "trainer.epochs=4"])],
     "keep_ratio": [(f"gamma_{g}", ["experiment=sage_keep_ratio", f"selector.keep_ratio={g}"]) for g in GAMMAS],
+    # the same optimiser steps per gamma without SAGE's choice: random subsets, and DPO full with one pass
+    "keep_ratio_controls": [(f"random_gamma_{g}", ["experiment=sage_keep_ratio", "selector=random",
+                                                   f"selector.keep_ratio={g}"]) for g in GAMMAS]
+    + [("dpo_full_1pass", ["experiment=sage_keep_ratio", "selector=full", "trainer.epochs=1"])],
 }
 
 
