@@ -43,7 +43,8 @@ def _run(cfg) -> None:
 
         train_sft_base(**cfg.sft_base)
         return
-    out = runner.resolve_out_dir(cfg, hc.runtime.output_dir)
+    explicit = any(o.split("=", 1)[0].lstrip("+~") == "hydra.run.dir" for o in hc.overrides.hydra)
+    out = runner.resolve_out_dir(cfg, hc.runtime.output_dir, explicit=explicit)
     try:
         runner.run(cfg, out, choices)
     except C.ConfigError as e:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import os
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from alignlab.records import atomic_write_text
 
 LEDGER_KEYS = ("prompts", "samples", "generated_tokens", "trained_tokens", "flops", "wall_s")
 TOTAL_KEYS = ("pairs", "selected", *LEDGER_KEYS)
@@ -426,7 +429,7 @@ def write_markdown(runs: Sequence[Run], stats: Sequence[ConfigStats], out: Path,
     if plots:
         lines += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
     path = out / "report.md"
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
     return path
 
 
@@ -439,27 +442,28 @@ def write_csv(runs: Sequence[Run], out: Path) -> Path:
         {d for r in runs for rd in r.rounds for d in ((rd.get("eval") or {}).get("by_difficulty") or {})}, key=_natural
     )
     path = out / "report.csv"
-    with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(fixed[:5] + override_cols + fixed[5:] + [f"acc_difficulty_{d}" for d in diff_cols])
-        for r in runs:
-            base = (r.summary or {}).get("base") or {}
-            final = (r.final_round.get("eval") or {}).get("accuracy")
-            for rd in r.rounds:
-                ev, ledger = rd.get("eval") or {}, rd.get("ledger") or {}
-                row = [_rel(r.path, out), " ".join(f"{k}={v}" for k, v in r.key()), r.experiment, r.seed, r.status]
-                row += [r.overrides.get(k, "") for k in override_cols]
-                row += [
-                    rd.get("round"),
-                    ev.get("accuracy"),
-                    ev.get("se"),
-                    ev.get("n"),
-                    rd.get("pairs"),
-                    rd.get("selected"),
-                ]
-                row += [ledger.get(k) for k in LEDGER_KEYS] + [base.get("accuracy"), base.get("se"), final]
-                row += [(ev.get("by_difficulty") or {}).get(d) for d in diff_cols]
-                w.writerow(["" if v is None else v for v in row])
+    f = io.StringIO(newline="")  # written atomically at the end
+    w = csv.writer(f)
+    w.writerow(fixed[:5] + override_cols + fixed[5:] + [f"acc_difficulty_{d}" for d in diff_cols])
+    for r in runs:
+        base = (r.summary or {}).get("base") or {}
+        final = (r.final_round.get("eval") or {}).get("accuracy")
+        for rd in r.rounds:
+            ev, ledger = rd.get("eval") or {}, rd.get("ledger") or {}
+            row = [_rel(r.path, out), " ".join(f"{k}={v}" for k, v in r.key()), r.experiment, r.seed, r.status]
+            row += [r.overrides.get(k, "") for k in override_cols]
+            row += [
+                rd.get("round"),
+                ev.get("accuracy"),
+                ev.get("se"),
+                ev.get("n"),
+                rd.get("pairs"),
+                rd.get("selected"),
+            ]
+            row += [ledger.get(k) for k in LEDGER_KEYS] + [base.get("accuracy"), base.get("se"), final]
+            row += [(ev.get("by_difficulty") or {}).get(d) for d in diff_cols]
+            w.writerow(["" if v is None else v for v in row])
+    atomic_write_text(path, f.getvalue())
     return path
 
 

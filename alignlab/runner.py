@@ -21,7 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from alignlab import config as C
-from alignlab.models import ModelSpec, count_params, load_tokenizer
+from alignlab.models import ModelSpec, count_params, load_tokenizer, require_safetensors
 from alignlab.pairs import group_by_problem
 from alignlab.records import Pair, Problem, Rollout, Selected, atomic_write_text, is_complete, read_jsonl, write_jsonl
 from alignlab.sampling import SampleContext
@@ -40,6 +40,10 @@ def build_components(cfg: DictConfig, choices: dict[str, str]) -> dict[str, Any]
     if not (spec.directory / "config.json").exists():
         raise C.ConfigError(f"model.path: no Hugging Face model directory at {spec.directory} "
                             f"(config.json missing){C._where('model', choices)}")
+    try:
+        require_safetensors(spec.directory)
+    except FileNotFoundError as e:
+        raise C.ConfigError(f"model.path: {e}{C._where('model', choices)}") from None
     return comps
 
 
@@ -129,9 +133,11 @@ def rollout_diagnostics(problems: list[Problem], rollouts: list[Rollout]) -> dic
             "all_correct": mean([r == 1.0 for r in rate]), "all_wrong": mean([r == 0.0 for r in rate])}
 
 
-def resolve_out_dir(cfg: DictConfig, hydra_out: str | None) -> Path:
+def resolve_out_dir(cfg: DictConfig, hydra_out: str | None, explicit: bool = False) -> Path:
+    """The run's directory; ``resume=true`` without an explicit dir continues the latest unfinished run."""
     out = Path(cfg.out_dir or hydra_out or f"outputs/{cfg.experiment_name}/run")
-    if cfg.resume and not any(out.glob("round_*")) and not (out / "base_eval.json").exists():
+    explicit = explicit or bool(cfg.out_dir)
+    if cfg.resume and not explicit and not any(out.glob("round_*")) and not (out / "base_eval.json").exists():
         runs = sorted((p.parent for p in out.parent.parent.glob("*/*/.hydra")), key=lambda p: p.stat().st_mtime)
         unfinished = [p for p in runs if p != out and not (p / "summary.json").exists()
                       and ((p / "base_eval.json").exists() or any(p.glob("round_*")))]
@@ -216,7 +222,8 @@ def _rounds(cfg, out_dir, spec, data, gen, sampler, verifier, pair_builder, sele
                                lambda: (selector.select(pairs, seed=int(cfg.seed) + k, scorer=scorer), {}))
         train_pairs = [s.pair for s in selected]
         ckpt = rd / "checkpoint"
-        if not (ckpt / "config.json").exists():
+        # train.json is written last: a checkpoint without it (killed in between) is trained again
+        if not (ckpt / "config.json").exists() or not (rd / "train.json").exists():
             gen.release()
             ref = _reference_logps(rd, ledger, reference, chain, train_pairs, trainer, n_params)
             t0 = time.time()
@@ -226,13 +233,15 @@ def _rounds(cfg, out_dir, spec, data, gen, sampler, verifier, pair_builder, sele
                 train_info = {"steps": res.steps, "trained_tokens": res.trained_tokens, **res.summary}
             else:
                 log.warning("round %d: no pairs to train on; the policy is carried over unchanged", k)
-                shutil.copytree(start_dir, rd / "checkpoint.tmp", dirs_exist_ok=True)
+                shutil.rmtree(rd / "checkpoint.tmp", ignore_errors=True)
+                shutil.copytree(start_dir, rd / "checkpoint.tmp")
+                shutil.rmtree(ckpt, ignore_errors=True)
                 (rd / "checkpoint.tmp").rename(ckpt)
                 train_info = {"steps": 0, "trained_tokens": 0}
             ledger.record("train", wall_s=time.time() - t0, trained_tokens=train_info["trained_tokens"],
                           flops=6.0 * n_params * train_info["trained_tokens"])
             atomic_write_text(rd / "train.json", json.dumps(train_info, indent=1))
-        train_info = json.loads((rd / "train.json").read_text()) if (rd / "train.json").exists() else {}
+        train_info = json.loads((rd / "train.json").read_text())
         ev = json_stage(rd / "eval.json", lambda: evaluator.evaluate(str(ckpt), gen, spec, tok, heldout))
         diag = rollout_diagnostics(problems, verdicts)
         chosen_true = [p.meta.get("chosen_true") for p in train_pairs]
@@ -285,10 +294,12 @@ def _reference_logps(rd: Path, ledger: Ledger, reference, chain: list[str], pair
         nonlocal forward_tokens
         path = rd / f"ref_logps.{hashlib.sha1((checkpoint_key(model_dir) + pk).encode()).hexdigest()[:16]}.json"
         if path.exists():
-            return json.loads(path.read_text())
-        res = reference_logps(model_dir, pairs, max_len=getattr(trainer, "max_length", 1024))
+            res = json.loads(path.read_text())
+        else:
+            res = reference_logps(model_dir, pairs, max_len=getattr(trainer, "max_length", 1024))
+            atomic_write_text(path, json.dumps(res))
+        # a cache hit only happens on resume: count it as the uninterrupted run did, so the ledger is the same
         forward_tokens += int(sum(res["chosen_tokens"]) + sum(res["rejected_tokens"]))
-        atomic_write_text(path, json.dumps(res))
         return res
 
     t0 = time.time()

@@ -1,8 +1,9 @@
-"""Shared fixtures: the committed tiny checkpoint and a helper to run the CLI in a subprocess."""
+"""Shared fixtures: the committed tiny checkpoint and helpers to run the CLI in a subprocess (and kill it)."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -37,3 +38,19 @@ def alignlab(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict 
     if check and res.returncode != 0:
         raise AssertionError(f"alignlab {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
     return res
+
+
+def launch(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.Popen:
+    """Start the console script in its own process group (so :func:`kill_group` reaches all its children)."""
+    e = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "alignlab.cli", *args], cwd=cwd or ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=e, start_new_session=True)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the run's whole process group (as a crash or the OOM killer would), then reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()

@@ -21,6 +21,7 @@ import numpy as np
 from alignlab.dynamics import theory
 from alignlab.dynamics.matrices import skew_norm
 from alignlab.dynamics.run import run_grid
+from alignlab.records import atomic_write_text
 
 Array = np.ndarray
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -132,7 +133,7 @@ def save_grid_json(grid: dict[str, Any], path: str | Path) -> Path:
     """The grid's numbers next to its figures."""
     keep = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in grid.items()}
     path = Path(path)
-    path.write_text(json.dumps(keep))
+    atomic_write_text(path, json.dumps(keep))
     return path
 
 

@@ -23,7 +23,7 @@ class MathSuiteEval:
     """Greedy pass@1 over each benchmark; ``limit`` keeps the first k problems of each."""
 
     def __init__(self, benchmarks: list[str] | None = None, root: str = DEFAULT_ROOT, limit: int | None = None,
-                 verifier: Any = None) -> None:
+                 verifier: Any = None, strict: bool = False) -> None:
         names = list(benchmarks or BENCHMARKS)
         bad = [b for b in names if b not in BENCHMARKS]
         if bad:
@@ -32,7 +32,7 @@ class MathSuiteEval:
             raise ValueError(f"limit must be >= 1 or null, got {limit}")
         if not Path(root).is_dir():
             raise ValueError(f"root: benchmark folder {root} does not exist (set eval.root or ALIGNLAB_BENCHMARKS)")
-        self.benchmarks, self.root, self.limit = names, root, limit
+        self.benchmarks, self.root, self.limit, self.strict = names, root, limit, strict
         if verifier is None:
             from alignlab.verify import MathVerifier
 
@@ -44,7 +44,7 @@ class MathSuiteEval:
         per: dict[str, dict[str, Any]] = {}
         everything: list[bool] = []
         for name in self.benchmarks:
-            probs = load_benchmark(name, self.root)[: self.limit or None]
+            probs = load_benchmark(name, self.root, strict=self.strict)[: self.limit or None]
             correct, _ = greedy_correct(model_dir, generator, spec, tokenizer, probs, self.verifier)
             acc, se = accuracy_se(correct)
             per[name] = {"accuracy": acc, "n": len(probs), "se": se}

@@ -71,7 +71,7 @@ class VLLMGenerator:
         kw: dict[str, Any] = {"model": model_dir, "tokenizer": model_dir, "tensor_parallel_size": self.tensor_parallel_size,
                               "gpu_memory_utilization": self.gpu_memory_utilization, "dtype": self.dtype,
                               "enable_prefix_caching": self.enable_prefix_caching, "enforce_eager": self.enforce_eager,
-                              "seed": 0}
+                              "seed": 0, "load_format": "safetensors"}  # never unpickle weights
         if self.max_model_len is not None:
             kw["max_model_len"] = self.max_model_len
         return kw

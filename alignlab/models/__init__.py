@@ -48,6 +48,7 @@ class ModelSpec:
         d = self.directory
         if not (d / "config.json").exists():
             raise FileNotFoundError(f"model.path: no Hugging Face model directory at {d} (config.json missing)")
+        require_safetensors(d)
 
     def messages(self, content: str) -> list[dict[str, str]]:
         msgs = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
@@ -76,10 +77,21 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
+def require_safetensors(path: str | Path) -> None:
+    """Refuse a local model directory without safetensors weights (pickle checkpoints can run code on load)."""
+    d = Path(path)
+    if d.is_dir() and not any(d.glob("*.safetensors")):
+        pickles = sorted(p.name for p in d.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+        found = f" (found {', '.join(pickles)}: pickle checkpoints are refused)" if pickles else ""
+        raise FileNotFoundError(f"{d}: no *.safetensors weights{found}; alignlab loads safetensors only. Convert "
+                                f"with model.save_pretrained(dir, safe_serialization=True) in a trusted environment.")
+
+
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """Load a causal LM from a directory; safetensors only (no pickle)."""
     from transformers import AutoModelForCausalLM
 
+    require_safetensors(resolve_path(str(path)))
     model = AutoModelForCausalLM.from_pretrained(str(resolve_path(str(path))), dtype=dtype, use_safetensors=True)
     return model.to(device)
 

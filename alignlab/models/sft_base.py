@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -87,15 +88,18 @@ def train_sft_base(out_dir: str, steps: int = 1200, batch_size: int = 64, lr: fl
             print(f"sft step {step:5d} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} {time.time() - t0:.0f}s",
                   flush=True)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    (out / "alignlab_model.json").write_text(json.dumps({"config": "tiny_arith"}))
-    (out / "sft_base.json").write_text(json.dumps({
+    tmp = out.with_name(out.name + ".tmp")  # written whole, then renamed over ``out``
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    (tmp / "alignlab_model.json").write_text(json.dumps({"config": "tiny_arith"}))
+    (tmp / "sft_base.json").write_text(json.dumps({
         "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "skip_rate": skip_rate,
         "slip_rate": slip_rate, "refine_share": refine_share, "examples": examples,
         "params": sum(p.numel() for p in model.parameters()), "train_seconds": round(time.time() - t0, 1)},
         indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
     return out
 
 

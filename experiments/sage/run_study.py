@@ -1,7 +1,7 @@
 """Run the SAGE studies small enough for a 2-core CPU (tables and plots: experiments/sage/analyze.py).
 
     python experiments/sage/run_study.py [--studies sage_vs_dpo ablations keep_ratio] [--seeds 0 1 2] [-j 2]
-        [--model DIR] [--out outputs/sage_study]
+        [--model DIR] [--out outputs/sage_study] [--extra KEY=VALUE ...]
 
 Each run is a plain `alignlab experiment=... hydra.run.dir=<out>/<study>/<config>/seed<k>` (the same command
 the README lists as a multirun). Round 1 of every configuration of a seed starts from the same base policy with
@@ -95,8 +95,9 @@ def main() -> int:
     p.add_argument("-j", "--jobs", type=int, default=2)
     p.add_argument("--model", default=None, help="model.path override (default: the embedded checkpoint)")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "sage_study")
+    p.add_argument("--extra", nargs="*", default=[], help="overrides appended to every run (e.g. trainer.lr=1e-4)")
     a = p.parse_args()
-    jobs = [(study, name, args + [f"seed={s}"], a.out / study / name / f"seed{s}", s)
+    jobs = [(study, name, args + a.extra + [f"seed={s}"], a.out / study / name / f"seed{s}", s)
             for study in a.studies for name, args in STUDIES[study] for s in a.seeds]
     manifest: list[dict] = []
     shared = {s: a.out / "_shared" / f"seed{s}" for s in a.seeds}
