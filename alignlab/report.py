@@ -365,6 +365,38 @@ def _rel(path: Path, out: Path) -> str:
         return str(path)
 
 
+DIAGNOSTICS = {  # summary.json rounds[k]["diagnostics"] key -> what the table shows (ipo_dynamics.md §5)
+    "token_entropy": "mean token entropy of the samples (nats)",
+    "distinct_answers": "distinct final answers per prompt",
+    "pass_at_k": "pass@k over the N samples",
+    "mean_pass_rate": "mean pass rate of the N samples",
+}
+
+
+def diagnostic(stats: ConfigStats, key: str, rid: int) -> Stat:
+    """Mean ± SE over seeds of one round's sampling diagnostic (collapse shows as entropy and distinct answers falling)."""
+    vals = [_num((r.get("diagnostics") or {}).get(key)) for run in stats.runs for r in run.rounds
+            if int(_num(r.get("round"), 0)) == rid]
+    return mean_se([v for v in vals if not math.isnan(v)])
+
+
+def _diagnostics_section(stats: Sequence[ConfigStats], labels: dict[Key, str], round_ids: list[int]) -> list[str]:
+    lines: list[str] = []
+    for key, title in DIAGNOSTICS.items():
+        cells = {s.key: [diagnostic(s, key, r) for r in round_ids] for s in stats}
+        if not any(c.n for row in cells.values() for c in row):
+            continue
+        if not lines:
+            lines += ["## Sampling diagnostics per round", "",
+                      "Measured on each round's N samples before training (mean ± SE over seeds).", ""]
+        lines += [f"**{title}** (`{key}`)", "", "| configuration | " + " | ".join(f"round {r}" for r in round_ids)
+                  + " |", "|---|" + "---:|" * len(round_ids)]
+        for s in stats:
+            lines.append(f"| `{labels[s.key]}` | " + " | ".join(c.fmt() for c in cells[s.key]) + " |")
+        lines.append("")
+    return lines
+
+
 def write_markdown(runs: Sequence[Run], stats: Sequence[ConfigStats], out: Path, plots: Sequence[str]) -> Path:
     """report.md: one row per configuration, then what failed, then the plots."""
     labels, common = short_labels(stats)
@@ -408,6 +440,7 @@ def write_markdown(runs: Sequence[Run], stats: Sequence[ConfigStats], out: Path,
                 cells = [s.by_difficulty[d].fmt() if d in s.by_difficulty else "" for d in diffs]
                 lines.append(f"| `{labels[s.key]}` | " + " | ".join(cells) + " |")
             lines.append("")
+        lines += _diagnostics_section(stats, labels, round_ids)
         lines += ["## Seeds", "", "| configuration | seeds | run dirs |", "|---|---|---|"]
         for s in stats:
             seeds = ", ".join("?" if x is None else str(x) for x in s.seeds)

@@ -37,6 +37,7 @@ def _summary(n: int, keep: float, seed: int, rounds: int = ROUNDS, experiment: s
                     "n": 500,
                     "by_difficulty": {"1": _acc(n, keep, seed, r) + 0.1, "2": _acc(n, keep, seed, r) - 0.1},
                 },
+                "diagnostics": {"token_entropy": 1.0 / (r + seed), "distinct_answers": 4.0 - 0.5 * r, "pass_at_k": 0.5},
                 "pairs": 100 * n,
                 "selected": int(100 * n * keep),
                 "ledger": {
@@ -188,6 +189,17 @@ def test_report_md_rows_and_failed_section(tree: dict, written: Path) -> None:
         assert path.name in failed_section, name
     assert "CUDA OOM" in failed_section and "1/3 rounds" in failed_section
     assert "eval" not in failed_section
+
+
+def test_report_md_sampling_diagnostics_per_round(written: Path) -> None:
+    md = (written / "report.md").read_text()
+    section = md.split("## Sampling diagnostics per round")[1].split("\n## ")[0]
+    entropy = section.split("(`token_entropy`)")[1].split("**")[0]
+    row = next(line for line in entropy.splitlines() if "sampler.n=8 selector.keep_ratio=0.5`" in line)
+    for r in range(1, ROUNDS + 1):
+        mean, se = _expected([1.0 / (r + seed) for seed in SEEDS])
+        assert row.split("|")[1 + r].strip() == f"{mean:.3f} ± {se:.3f}"
+    assert "(`mean_pass_rate`)" not in section  # absent from every summary: no empty table
 
 
 def test_report_csv_one_row_per_run_per_round(written: Path) -> None:

@@ -143,6 +143,16 @@ def plots(configs: dict[str, list[dict]], out: Path, prefix: str) -> list[str]:
         name = f"{prefix}_{key}_per_step.png"
         fig.savefig(out / name, bbox_inches="tight")
         written.append(name)
+    fig, ax = fig_ax("final accuracy vs trained tokens (mean ± SE over seeds)", "trained tokens (all rounds)",
+                     "final held-out accuracy")
+    for j, (name, runs) in enumerate(configs.items()):
+        xs, ys = [r["trained_tokens"] for r in runs], [r["final"] for r in runs]
+        se = float(np.std(ys, ddof=1) / math.sqrt(len(ys))) if len(ys) > 1 else 0.0
+        mark = "s" if name.startswith("random") else "D" if name.startswith("dpo") else "o"
+        ax.errorbar([np.mean(xs)], [np.mean(ys)], yerr=[se], fmt=mark, color=f"C{j % 10}", capsize=3, label=name)
+    ax.legend(fontsize=7, ncol=2)
+    fig.savefig(out / f"{prefix}_acc_vs_trained_tokens.png", bbox_inches="tight")
+    written.append(f"{prefix}_acc_vs_trained_tokens.png")
     for name, runs in configs.items():
         hs = [r["hist"] for r in runs if r["hist"]]
         if not hs:

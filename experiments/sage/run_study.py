@@ -39,7 +39,9 @@ STUDIES: dict[str, list[tuple[str, list[str]]]] = {
                   ("no_curvature", ["experiment=sage_ablations", "selector.curvature=false"]),
                   ("summed", ["experiment=sage_ablations", "selector.length_normalized=false"]),
                   ("no_stability", ["experiment=sage_ablations", "selector.score=newton"]),
-                  ("boundary_only", ["experiment=sage_ablations", "selector.score=boundary"])],
+                  ("boundary_only", ["experiment=sage_ablations", "selector.score=boundary"]),
+                  # sensitivity: does a 100x stability term change which pairs are kept?
+                  ("stability_x100", ["experiment=sage_ablations", "selector.stability_weight=100"])],
     # reference=fixed: from round 2 on, pool-level margins (policy vs pi_0) are informative
     "pool_fixed": [("dpo_full_fixed", ["experiment=sage_vs_dpo", "selector=full", "reference=fixed", "trainer.epochs=2"]),
                    ("sage_pool_fixed", ["experiment=sage_vs_dpo", "selector=sage", "selector.granularity=pool",
