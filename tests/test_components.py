@@ -9,7 +9,7 @@ import torch
 
 from alignlab.data import arith
 from alignlab.eval import HeldoutEval, accuracy_se
-from alignlab.generation.hf import HFGenerator, uniform_noise
+from alignlab.generation.hf import HFGenerator, _prealloc_cache, uniform_noise
 from alignlab.losses import DPOLoss
 from alignlab.losses.reference import EMAReference, FixedReference, MixReference, PreviousRoundReference
 from alignlab.models import ModelSpec, load_tokenizer
@@ -86,6 +86,35 @@ def test_hf_generation_reproducible_per_sample_whatever_the_batch(tiny_dir):
     assert s.tokens > 0 and s.logprob_sum < 0 and s.entropy >= 0
     greedy = HFGenerator(max_new_tokens=40).generate(tiny_dir, prompts[:2], 5, seed=1, greedy=True)
     assert len(greedy[0]) == 1 and greedy[0][0].finished
+
+
+def test_preallocated_kv_cache_gives_the_same_samples_as_transformers_dynamic_cache(tiny_dir):
+    tok = load_tokenizer(tiny_dir)
+    spec = ModelSpec(path=str(tiny_dir))
+    prompts = [spec.render(tok, p.text) for p in arith.generate(12, "train", seed=4)]
+    outs = []
+    for prealloc in (True, False):
+        g = HFGenerator(max_new_tokens=48, batch_size=16)
+        g.prealloc_kv = prealloc
+        outs.append([(s.text, s.logprob_sum, s.entropy, s.finished) for o in g.generate(tiny_dir, prompts, 4, seed=3)
+                     for s in o])
+    assert outs[0] == outs[1]
+
+
+def test_preallocated_kv_layer_grows_selects_and_repeats_like_concatenation():
+    cache = _prealloc_cache(extra=2)
+    ref = []
+    for t in (3, 1, 1, 1, 1):  # prefill 3, then steps past the 2 reserved positions: the buffer must grow
+        k, v = torch.randn(2, 1, t, 4), torch.randn(2, 1, t, 4)
+        keys, values = cache.update(k, v, 0)
+        ref.append((k, v))
+    assert torch.equal(keys, torch.cat([k for k, _ in ref], -2)) and torch.equal(values, torch.cat([v for _, v in ref], -2))
+    cache.batch_repeat_interleave(3)
+    cache.batch_select_indices(torch.tensor([5, 0]))
+    layer = cache.layers[0]
+    assert layer.get_seq_length() == 7 and torch.equal(layer.keys[0], keys[1]) and torch.equal(layer.values[1], values[0])
+    k = torch.randn(2, 1, 1, 4)
+    assert torch.equal(cache.update(k, k, 0)[0][:, :, -1:], k)
 
 
 def test_top_p_keeps_only_the_nucleus():

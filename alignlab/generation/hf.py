@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from alignlab.generation import Sample, sample_seed
 from alignlab.models import load_model, load_tokenizer, resolve_path
@@ -33,6 +35,57 @@ def uniform_noise(seeds: Tensor, step: int, vocab: int) -> Tensor:
     return ((x & _MASK53).double() + 0.5) / float(1 << 53)
 
 
+class _PreallocLayer(DynamicLayer):
+    """A KV-cache layer that writes each step into a preallocated buffer instead of ``torch.cat``-ing the whole
+    cache (transformers' DynamicLayer copies every cached position at every step: O(T^2) bytes). Attention sees a
+    view of the same length and values, so the outputs are the same; ``extra`` positions are reserved up front."""
+
+    extra = 128
+
+    def _views(self, n: int) -> None:
+        self._n = n
+        self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            b, h, t, d = key_states.shape
+            self._k = key_states.new_empty(b, h, t + self.extra, d)
+            self._v = value_states.new_empty(b, h, t + self.extra, value_states.shape[-1])
+            self._n = 0
+        n = self._n + key_states.shape[-2]
+        if n > self._k.shape[-2]:  # out of room: grow by doubling (amortised O(T))
+            grow = max(n, 2 * self._k.shape[-2])
+            k, v = self._k, self._v
+            self._k = k.new_empty(*k.shape[:2], grow, k.shape[-1])
+            self._v = v.new_empty(*v.shape[:2], grow, v.shape[-1])
+            self._k[:, :, : self._n], self._v[:, :, : self._n] = k[:, :, : self._n], v[:, :, : self._n]
+        self._k[:, :, self._n: n] = key_states
+        self._v[:, :, self._n: n] = value_states
+        self._views(n)
+        return self.keys, self.values
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.get_seq_length() > 0:
+            self._k, self._v = self._k.repeat_interleave(repeats, 0), self._v.repeat_interleave(repeats, 0)
+            self._views(self._n)
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        if self.get_seq_length() > 0:
+            n = self._n
+            k, v = self._k, self._v
+            self._k = k.new_empty(len(indices), *k.shape[1:])
+            self._v = v.new_empty(len(indices), *v.shape[1:])
+            self._k[:, :, :n], self._v[:, :, :n] = k[indices, :, :n], v[indices, :, :n]
+            self._views(n)
+
+
+def _prealloc_cache(extra: int) -> DynamicCache:
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = type("PreallocLayer", (_PreallocLayer,), {"extra": extra})
+    return cache
+
+
 class HFGenerator:
     """``generation=hf``: temperature / top-p sampling, or greedy, in length-sorted batches."""
 
@@ -50,6 +103,7 @@ class HFGenerator:
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.dtype = getattr(torch, dtype)
+        self.prealloc_kv = True
         self._loaded: tuple[str, object, object] | None = None
 
     def _load(self, model_dir: str | Path):
@@ -99,7 +153,8 @@ class HFGenerator:
             attn[i, L - len(p):] = 1
         ids, attn = ids.to(dev), attn.to(dev)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
+                    past_key_values=_prealloc_cache(self.max_new_tokens) if self.prealloc_kv else None)
         cache, logits = out.past_key_values, out.logits[:, -1]
         next_pos = pos[:, -1:] + 1
         if n > 1:
