@@ -46,20 +46,25 @@ class _PreallocLayer(DynamicLayer):
         self._n = n
         self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
 
+    def _realloc(self, cap: int, rows: Tensor | None = None) -> None:
+        """Fresh buffers of ``cap`` positions holding the cached prefix (of ``rows`` only, when given)."""
+        k, v = self.keys, self.values
+        if rows is not None:
+            k, v = k[rows], v[rows]
+        self._k = k.new_empty(*k.shape[:2], cap, k.shape[-1])
+        self._v = v.new_empty(*v.shape[:2], cap, v.shape[-1])
+        self._k[:, :, : self._n], self._v[:, :, : self._n] = k, v
+        self._views(self._n)
+
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-            b, h, t, d = key_states.shape
-            self._k = key_states.new_empty(b, h, t + self.extra, d)
-            self._v = value_states.new_empty(b, h, t + self.extra, value_states.shape[-1])
             self._n = 0
+            self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
+            self._realloc(key_states.shape[-2] + self.extra)
         n = self._n + key_states.shape[-2]
         if n > self._k.shape[-2]:  # out of room: grow by doubling (amortised O(T))
-            grow = max(n, 2 * self._k.shape[-2])
-            k, v = self._k, self._v
-            self._k = k.new_empty(*k.shape[:2], grow, k.shape[-1])
-            self._v = v.new_empty(*v.shape[:2], grow, v.shape[-1])
-            self._k[:, :, : self._n], self._v[:, :, : self._n] = k[:, :, : self._n], v[:, :, : self._n]
+            self._realloc(max(n, 2 * self._k.shape[-2]))
         self._k[:, :, self._n: n] = key_states
         self._v[:, :, self._n: n] = value_states
         self._views(n)
@@ -72,12 +77,7 @@ class _PreallocLayer(DynamicLayer):
 
     def batch_select_indices(self, indices: Tensor) -> None:
         if self.get_seq_length() > 0:
-            n = self._n
-            k, v = self._k, self._v
-            self._k = k.new_empty(len(indices), *k.shape[1:])
-            self._v = v.new_empty(len(indices), *v.shape[1:])
-            self._k[:, :, :n], self._v[:, :, :n] = k[indices, :, :n], v[indices, :, :n]
-            self._views(n)
+            self._realloc(self._k.shape[-2], indices)
 
 
 def _prealloc_cache(extra: int) -> DynamicCache:
@@ -103,7 +103,7 @@ class HFGenerator:
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.dtype = getattr(torch, dtype)
-        self.prealloc_kv = True
+        self.prealloc_kv = True  # False: transformers' DynamicCache (kept to test that both give the same samples)
         self._loaded: tuple[str, object, object] | None = None
 
     def _load(self, model_dir: str | Path):
