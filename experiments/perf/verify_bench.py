@@ -67,7 +67,7 @@ def wrong_golds(golds: list[str], seed: int) -> list[str]:
 def warm_up(v: MathVerifier) -> None:
     """Start every worker process: pairs that the exact fast path cannot decide go to the pool (a plain number
     like \\boxed{1} never reaches it, so it would leave the pool's start-up inside the timed region)."""
-    pairs = [("\\boxed{x^2-1}", "(x-1)(x+1)"), ("\\boxed{\\frac{1}{\\sqrt{2}}}", "\\frac{\\sqrt{2}}{2}")] * v.workers
+    pairs = [(f"\\boxed{{x+{k}}}", f"{k}+x") for k in range(max(2, v.workers))]  # distinct: the verifier dedupes
     v.verify_batch([p for p, _ in pairs], [g for _, g in pairs])
 
 
