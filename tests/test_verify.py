@@ -315,6 +315,27 @@ def test_worker_crash_is_recovered(mv):
     assert mv.verify_batch([boxed("x+1"), boxed("2x")], ["1+x", "x+x"]) == [True, True]
 
 
+def test_items_of_one_gold_go_to_the_worker_that_parsed_it():
+    """A rollout's samples share a gold: the scheduler keeps them on one worker (one gold parse, not one per
+    worker), gives an idle worker a gold nobody is on, and only then shares a gold to keep both busy."""
+    from collections import deque
+
+    from alignlab.verify._pool import WorkerPool, _requeue, _Worker
+
+    pool = WorkerPool(2, timeout_s=1.0, memory_mb=0)
+    a, b = _Worker(sock=None, pid=1), _Worker(sock=None, pid=2)  # type: ignore[arg-type]
+    pool._state["workers"] = [a, b]
+    pending = {"g1": deque([0, 1, 2]), "g2": deque([3, 4])}
+    a.item = pool._next_item(a, pending)
+    b.item = pool._next_item(b, pending)
+    assert (a.item, a.gold, b.item, b.gold) == (0, "g1", 3, "g2")
+    assert [pool._next_item(a, pending), pool._next_item(a, pending)] == [1, 2]  # a stays on g1
+    _requeue(pending, "g1", 2)  # a retried item goes back to the front
+    assert list(pending) == ["g1", "g2"] and pool._next_item(b, pending) == 4  # b finishes its own gold first
+    assert pool._next_item(b, pending) == 2 and not pending  # then helps with g1
+    pool._state["workers"].clear()  # fake workers: nothing to shut down
+
+
 def test_verify_batch_off_main_thread():
     v = MathVerifier(timeout_s=TIMEOUT, workers=2)  # pool created lazily inside the thread
     out: list = []

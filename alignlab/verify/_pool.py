@@ -40,6 +40,7 @@ class _Worker:
     item: int | None = None
     deadline: float = 0.0
     sent_at: float = 0.0
+    gold: str | None = None  # the gold of the last item sent: its parse is in this worker's cache
 
     @property
     def fd(self) -> int:
@@ -206,6 +207,16 @@ def _shutdown(state: dict, owner_pid: int) -> None:
         _register(-1)
 
 
+def _requeue(pending: dict[str, deque[int]], gold: str, i: int) -> None:
+    """Put item ``i`` back at the front of the queue."""
+    queue = pending.pop(gold, deque())
+    queue.appendleft(i)
+    rest = list(pending.items())
+    pending.clear()
+    pending[gold] = queue
+    pending.update(rest)
+
+
 class WorkerPool:
     """``n`` persistent worker processes; ``run(items)`` answers each ``(gold, pred)`` or False on timeout."""
 
@@ -261,7 +272,9 @@ class WorkerPool:
         results: list[bool | None] = [None] * len(items)
         while len(self._workers) < min(self.n, len(items)):
             self._workers.append(self._fork())
-        pending = deque(range(len(items)))
+        pending: dict[str, deque[int]] = {}  # gold -> its items, in order: a gold's items go to one worker
+        for i, (gold, _) in enumerate(items):
+            pending.setdefault(gold, deque()).append(i)
         retried = [False] * len(items)
         done = 0
         sel = selectors.DefaultSelector()
@@ -279,9 +292,9 @@ class WorkerPool:
             while done < len(items):
                 for w in list(self._workers):
                     if w.item is None and pending:
-                        i = pending.popleft()
+                        i = self._next_item(w, pending)
                         if not self._send(w, i, items[i]):
-                            pending.appendleft(i)  # the worker died while idle: not this item's fault
+                            _requeue(pending, items[i][0], i)  # the worker died while idle: not this item's fault
                             self._replace(sel, w)
                 deadlines = [w.deadline for w in self._workers if w.item is not None]
                 wait = max(0.0, min(deadlines) - time.monotonic()) if deadlines else 0.0
@@ -302,7 +315,7 @@ class WorkerPool:
                                 self._record(time.monotonic() - w.sent_at)
                             else:  # maybe not its fault (killed while idle, OOM elsewhere): once more
                                 retried[w.item] = True
-                                pending.appendleft(w.item)
+                                _requeue(pending, items[w.item][0], w.item)
                             w.item = None
                         self._replace(sel, w)
                         continue
@@ -330,6 +343,21 @@ class WorkerPool:
         finally:
             sel.close()
         return [bool(r) for r in results]
+
+    def _next_item(self, w: _Worker, pending: dict[str, deque[int]]) -> int:
+        """The next item for idle worker ``w``: another of its last gold's items (that gold's parse is cached in
+        ``w``), else the first gold no busy worker is on, else the first pending item. A rollout's N samples of
+        one problem then cost one gold parse, not one per worker."""
+        gold = w.gold if w.gold in pending else None
+        if gold is None:
+            busy = {o.gold for o in self._workers if o is not w and o.item is not None}
+            gold = next((g for g in pending if g not in busy), next(iter(pending)))
+        queue = pending[gold]
+        i = queue.popleft()
+        if not queue:
+            del pending[gold]
+        w.gold = gold
+        return i
 
     def _record(self, seconds: float) -> None:
         self.stats.items += 1
