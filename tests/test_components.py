@@ -199,6 +199,32 @@ def test_mix_reference_on_real_checkpoints_matches_fixed_and_previous(tiny_dir, 
     assert ema["chosen"] == pytest.approx(prev["chosen"], abs=1e-4)
 
 
+def test_ema_reference_averages_single_file_and_sharded_checkpoints(tiny_dir, tmp_path):
+    """ema_1 = decay * theta_0 + (1 - decay) * theta_1, tensor by tensor, also when theta_1 is saved in shards
+    (model.safetensors.index.json, as 7B checkpoints are)."""
+    from safetensors.torch import load_file
+
+    from alignlab.losses.reference import safetensors_files
+    from alignlab.models import load_model
+
+    model = load_model(str(tiny_dir))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
+    files = safetensors_files(tmp_path / "sharded")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists() and len(set(files.values())) > 1
+    chain = [str(tiny_dir), str(tmp_path / "sharded")]
+    EMAReference(decay=0.25).logps(chain, lambda d: {"chosen": [0.0], "rejected": [0.0]}, tmp_path / "w")
+    base = load_file(str(tiny_dir / "model.safetensors"))
+    ema = load_file(str(tmp_path / "w" / "ema_reference" / "model.safetensors"))
+    assert set(base) <= set(ema)
+    for k, v in base.items():
+        torch.testing.assert_close(ema[k], v + 0.5 * 0.75)  # 0.25 * v + 0.75 * (v + 0.5)
+    with pytest.raises(FileNotFoundError, match="model.safetensors.index.json"):
+        safetensors_files(tmp_path)
+
+
 def _pairs(tiny_dir, n=8):
     tok = load_tokenizer(tiny_dir)
     spec = ModelSpec(path=str(tiny_dir))

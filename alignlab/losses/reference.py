@@ -79,17 +79,57 @@ class EMAReference:
         return logps_of(str(out))
 
     def _build(self, checkpoints: list[str], out: Path) -> None:
-        from safetensors.torch import load_file
+        """Average tensor by tensor (one saved tensor per checkpoint in memory at a time, so a sharded 7B chain
+        needs the model plus a few tensors, not a float32 copy of every checkpoint)."""
+        from contextlib import ExitStack
+
+        import torch
+        from safetensors import safe_open
 
         from alignlab.models import load_model, load_tokenizer
         from alignlab.train.torch_trainer import save_checkpoint
 
         model = load_model(checkpoints[0])
-        # the saved tensors only: tied weights (lm_head = embed_tokens) are stored once
-        ema = {k: v.float().clone() for k, v in load_file(str(Path(checkpoints[0]) / "model.safetensors")).items()}
-        for d in checkpoints[1:]:
-            sd = load_file(str(Path(d) / "model.safetensors"))
-            for k in ema:
-                ema[k].mul_(self.decay).add_(sd[k].float(), alpha=1 - self.decay)
-        model.load_state_dict(ema, strict=False)
+        params = model.state_dict()
+        files = [safetensors_files(Path(c)) for c in checkpoints]
+        with ExitStack() as stack, torch.no_grad():
+            handles: dict[Path, object] = {}
+
+            def tensor(where: dict[str, Path], key: str, ckpt: str):
+                if key not in where:
+                    raise KeyError(f"EMA reference: {ckpt} has no tensor {key!r} (checkpoints of different models?)")
+                f = where[key]
+                if f not in handles:
+                    handles[f] = stack.enter_context(safe_open(str(f), framework="pt"))
+                return handles[f].get_tensor(key)  # type: ignore[attr-defined]
+
+            # the saved tensors only: tied weights (lm_head = embed_tokens) are stored once
+            for key in files[0]:
+                if key not in params:
+                    raise KeyError(f"EMA reference: tensor {key!r} of {checkpoints[0]} is not in the loaded model")
+                ema = tensor(files[0], key, checkpoints[0]).float()
+                for where, ckpt in zip(files[1:], checkpoints[1:]):
+                    ema.mul_(self.decay).add_(tensor(where, key, ckpt).float(), alpha=1 - self.decay)
+                params[key].copy_(ema)
         save_checkpoint(model, load_tokenizer(checkpoints[0]), out)
+
+
+def safetensors_files(model_dir: Path) -> dict[str, Path]:
+    """Tensor name -> file, for a Hugging Face model directory saved as one ``model.safetensors`` or as shards
+    listed in ``model.safetensors.index.json`` (how 7B checkpoints are saved)."""
+    import json
+
+    from safetensors import safe_open
+
+    single = model_dir / "model.safetensors"
+    if single.exists():
+        with safe_open(str(single), framework="pt") as f:
+            return {k: single for k in f.keys()}  # noqa: SIM118 - safe_open handles are not mappings
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {k: model_dir / name for k, name in weight_map.items()}
+    raise FileNotFoundError(
+        f"{model_dir}: neither model.safetensors nor model.safetensors.index.json (the EMA reference averages "
+        "safetensors weights; re-save the model with save_pretrained(safe_serialization=True))"
+    )
