@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+RESUMED_IN = "resumed_in.txt"  # left in a new Hydra job dir whose `resume=true` job continued an older run
+
 
 @dataclass
 class Problem:

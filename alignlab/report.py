@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from alignlab.records import atomic_write_text
+from alignlab.records import RESUMED_IN, atomic_write_text
 
 LEDGER_KEYS = ("prompts", "samples", "generated_tokens", "trained_tokens", "flops", "wall_s")
 TOTAL_KEYS = ("pairs", "selected", *LEDGER_KEYS)
@@ -182,6 +182,8 @@ def _check(run: Run, summary_path: Path) -> None:
 def _is_run_dir(names: set[str], dirpath: str) -> bool:
     if "summary.json" in names:
         return True
+    if RESUMED_IN in names:  # a `resume=true` job that continued an older run dir: not a run of its own
+        return False
     # A Hydra job dir without a summary is a failed training run, unless it is an `alignlab eval` job.
     return (
         ".hydra" in names
@@ -467,17 +469,19 @@ def write_markdown(runs: Sequence[Run], stats: Sequence[ConfigStats], out: Path,
 
 
 def write_csv(runs: Sequence[Run], out: Path) -> Path:
-    """report.csv: one flat row per run per round (failed runs' partial rounds included, see `status`)."""
+    """report.csv: one flat row per run per round (failed runs' partial rounds included, see `status`), with the
+    round's sampling diagnostics where the runs recorded them."""
     fixed = ["run_dir", "config", "experiment", "seed", "status", "round", "accuracy", "se", "n", "pairs", "selected"]
     fixed += [*LEDGER_KEYS, "base_accuracy", "base_se", "final_accuracy"]
     override_cols = sorted({k for r in runs for k in r.overrides if k not in fixed and k != "seed"})
     diff_cols = sorted(
         {d for r in runs for rd in r.rounds for d in ((rd.get("eval") or {}).get("by_difficulty") or {})}, key=_natural
     )
+    diag_cols = [k for k in DIAGNOSTICS if any(k in (rd.get("diagnostics") or {}) for r in runs for rd in r.rounds)]
     path = out / "report.csv"
     f = io.StringIO(newline="")  # written atomically at the end
     w = csv.writer(f)
-    w.writerow(fixed[:5] + override_cols + fixed[5:] + [f"acc_difficulty_{d}" for d in diff_cols])
+    w.writerow(fixed[:5] + override_cols + fixed[5:] + [f"acc_difficulty_{d}" for d in diff_cols] + diag_cols)
     for r in runs:
         base = (r.summary or {}).get("base") or {}
         final = (r.final_round.get("eval") or {}).get("accuracy")
@@ -495,6 +499,7 @@ def write_csv(runs: Sequence[Run], out: Path) -> Path:
             ]
             row += [ledger.get(k) for k in LEDGER_KEYS] + [base.get("accuracy"), base.get("se"), final]
             row += [(ev.get("by_difficulty") or {}).get(d) for d in diff_cols]
+            row += [(rd.get("diagnostics") or {}).get(k) for k in diag_cols]
             w.writerow(["" if v is None else v for v in row])
     atomic_write_text(path, f.getvalue())
     return path
@@ -533,7 +538,9 @@ def write_plots(stats: Sequence[ConfigStats], out: Path) -> list[str]:
             # Past a handful of configurations the legend would hide the data: move it outside.
             outside = {"bbox_to_anchor": (1.02, 1.0), "loc": "upper left"} if entries > 6 else {"loc": "best"}
             ax.legend(fontsize=7, **outside)
-        fig.savefig(out / name, bbox_inches="tight")
+        tmp = out / f".{name}.tmp"  # a reader never sees half a PNG
+        fig.savefig(tmp, format="png", bbox_inches="tight")
+        os.replace(tmp, out / name)
         written.append(name)
 
     # Accuracy per round, round 0 = the base model.

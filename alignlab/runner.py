@@ -23,7 +23,17 @@ from omegaconf import DictConfig, OmegaConf
 from alignlab import config as C
 from alignlab.models import ModelSpec, count_params, load_tokenizer, require_safetensors
 from alignlab.pairs import group_by_problem
-from alignlab.records import Pair, Problem, Rollout, Selected, atomic_write_text, is_complete, read_jsonl, write_jsonl
+from alignlab.records import (
+    RESUMED_IN,
+    Pair,
+    Problem,
+    Rollout,
+    Selected,
+    atomic_write_text,
+    is_complete,
+    read_jsonl,
+    write_jsonl,
+)
 from alignlab.sampling import SampleContext
 
 log = logging.getLogger("alignlab")
@@ -143,6 +153,8 @@ def resolve_out_dir(cfg: DictConfig, hydra_out: str | None, explicit: bool = Fal
                       and ((p / "base_eval.json").exists() or any(p.glob("round_*")))]
         if unfinished:
             log.info("resume=true: continuing %s", unfinished[-1])
+            if out.is_dir():  # Hydra made this dir for the new job: say where the run went (report skips it)
+                atomic_write_text(out / RESUMED_IN, f"{unfinished[-1].resolve()}\n")
             return unfinished[-1]
     return out
 

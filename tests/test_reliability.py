@@ -233,6 +233,12 @@ def test_resume_with_an_explicit_run_dir_never_continues_another_run(tmp_path):
     cfg = OmegaConf.create({"out_dir": None, "resume": True, "experiment_name": "x"})
     assert resolve_out_dir(cfg, str(mine), explicit=True) == mine
     assert resolve_out_dir(cfg, str(mine)) == other  # the default layout: resume=true continues the latest one
+    assert (mine / "resumed_in.txt").read_text().strip() == str(other.resolve())  # the new job dir says where
+    from alignlab.report import load_runs
+
+    for d in (mine, other):
+        (d / ".hydra" / "overrides.yaml").write_text("- resume=true\n")
+    assert [r.path for r in load_runs([tmp_path])] == [other.resolve()]  # not listed as a failed run
 
 
 # scratch files that are rewritten before every use, or append-only logs; nothing reads them after a crash

@@ -211,6 +211,8 @@ def test_report_csv_one_row_per_run_per_round(written: Path) -> None:
         if r["experiment"] == "sweep":
             want = _acc(int(r["sampler.n"]), float(r["selector.keep_ratio"]), int(r["seed"]), int(r["round"]))
             assert float(r["accuracy"]) == pytest.approx(want)
+            assert float(r["token_entropy"]) == pytest.approx(1.0 / (int(r["round"]) + int(r["seed"])))
+    assert "mean_pass_rate" not in rows[0]  # no run recorded it: no empty column
     assert {"generated_tokens", "flops", "trained_tokens", "wall_s", "acc_difficulty_1", "base_accuracy"} <= set(
         rows[0]
     )
@@ -228,6 +230,7 @@ def test_plots_load_and_are_not_blank(written: Path) -> None:
         "acc_vs_n.png",
     }
     assert names <= {p.name for p in written.glob("*.png")}
+    assert not list(written.glob(".*.tmp"))  # written to a temporary name, then renamed
     md = (written / "report.md").read_text()
     for name in names:
         img = matplotlib.image.imread(written / name)
