@@ -13,7 +13,8 @@ responses: no shortcut can prove two expressions different, so this is the worst
 "rollout" (8 samples per problem as a sampler produces them: 4 right in two formats, 4 wrong with a repeated
 wrong answer). Two raw baselines: ``verify(parse(gold), parse(response))`` exactly as written (bare gold
 strings often fail to parse, which makes it fast and wrong) and with the gold as ``$gold$`` (how bare golds
-must be given to math-verify). Also the slowest single check. Writes experiments/perf/verify_results.json.
+must be given to math-verify). Also the slowest single check, and the ceiling that math-verify's own parser
+puts on wrong answers (workers x the rate at which it parses those predictions alone). Writes experiments/perf/verify_results.json.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from alignlab.data.benchmarks import BENCHMARKS, load_benchmark  # noqa: E402
-from alignlab.verify import MathVerifier, answer_key, normalize_answer  # noqa: E402
+from alignlab.verify import MathVerifier, answer_key, extract_answer, normalize_answer  # noqa: E402
 
 TARGET = 0.995
 
@@ -92,6 +93,23 @@ def raw_rate(preds: list[str], golds: list[str], wrap_gold: bool) -> dict:
     return {"checks_per_s": len(preds) / total, "max_check_s": max(times), "true": ok}
 
 
+def prediction_parse_rate(preds: list[str]) -> dict:
+    """math-verify's ``parse`` of each distinct extracted prediction alone, single process, in this already warm
+    process (the raw passes parsed the same strings): the one step of a check on a new wrong answer that no
+    cache, fast path or numeric shortcut can skip. ``workers * parses_per_s`` bounds any verifier built on
+    math-verify's parser, even one whose gold parsing and comparison took no time."""
+    from math_verify import parse
+    from math_verify.parser import parse_latex_cached
+
+    answers = list(dict.fromkeys(normalize_answer(e) for e in map(extract_answer, preds) if e is not None))
+    parse_latex_cached.cache_clear()
+    t0 = time.perf_counter()
+    for a in answers:
+        parse("\\boxed{" + a + "}", parsing_timeout=None)
+    total = time.perf_counter() - t0
+    return {"answers": len(answers), "parses_per_s": len(answers) / total, "ms_per_parse": 1000 * total / len(answers)}
+
+
 def workloads(golds: list[str], others: list[str], n: int, seed: int) -> dict[str, tuple[list[str], list[str], int]]:
     """name -> (responses, golds, number that should verify True), ``n`` items each."""
     rng = random.Random(seed)
@@ -141,6 +159,7 @@ def main() -> None:
         "config": {"timeout_s": args.timeout, "workers": args.workers, "n": args.n, "target": TARGET},
         "benchmarks": {},
         "throughput": {},
+        "wrong_answer_ceiling": {},
     }
     t_start = time.perf_counter()
     fast = MathVerifier(timeout_s=args.timeout, workers=args.workers)
@@ -189,6 +208,13 @@ def main() -> None:
             counts = dict(v.counts)
             v.close()
             cps = len(preds) / t
+            if kind == "wrong":
+                floor = prediction_parse_rate(preds)
+                floor["ceiling_vs_raw"] = args.workers * floor["parses_per_s"] / raw["checks_per_s"]
+                floor["ceiling_vs_raw_gold_in_dollars"] = (
+                    args.workers * floor["parses_per_s"] / raw_wrapped["checks_per_s"]
+                )
+                results["wrong_answer_ceiling"][name] = floor
             entry[kind] = {
                 "items": len(preds),
                 "should_be_true": expect,
@@ -249,6 +275,12 @@ def main() -> None:
                 f"{r['mv_checks_per_s']:.1f} ({r['mv_true']}) | x{r['speedup_vs_raw']:.1f} | "
                 f"x{r['speedup_vs_raw_gold_in_dollars']:.1f} |"
             )
+    for name, f in results["wrong_answer_ceiling"].items():
+        print(
+            f"{name}: math-verify parses a wrong answer in {f['ms_per_parse']:.1f} ms (warm, single process), so "
+            f"{args.workers} workers top out at x{f['ceiling_vs_raw']:.1f} raw (x{f['ceiling_vs_raw_gold_in_dollars']:.1f} "
+            f"raw$) on wrong answers even if gold parsing and comparison were free"
+        )
     s = results["single_call_s"]
     print(
         f"\nslowest check inside the pool: {max_item:.2f} s (timeouts: {timeouts}); one-item verify_batch calls on "
