@@ -133,8 +133,8 @@ def bench_verification(n: int = 80) -> dict:
                                    "raw_gold_in_dollars_checks_per_s": e["raw_gold_in_dollars"]["checks_per_s"],
                                    "speedup_vs_raw": e["speedup_vs_raw"]} for w, e in ws.items()}
                            for b, ws in v["throughput"].items()},
-            "wrong_answer_ceiling": {b: {"ms_per_parse": c["ms_per_parse"], "ceiling_vs_raw": c["ceiling_vs_raw"],
-                                         "ceiling_vs_raw_gold_in_dollars": c["ceiling_vs_raw_gold_in_dollars"]}
+            "wrong_answer_ceiling": {b: {k: c[k] for k in ("ms_per_gold_parse", "ms_per_prediction_parse",
+                                                             "ceiling_vs_raw", "pred_only_ceiling_vs_raw")}
                                      for b, c in v["wrong_answer_ceiling"].items()},
             "max_item_s": v["max_item_s"], "timeout_s": v["config"]["timeout_s"], "items_per_workload": n}
 
@@ -176,8 +176,10 @@ def table(r: dict) -> str:
                             f"{v['alignlab_checks_per_s']:,.1f} | {v['raw_checks_per_s']:,.1f} | "
                             f"{v['speedup_vs_raw']:.1f}x | >= 10x |")
     for b, c in r["verification"].get("wrong_answer_ceiling", {}).items():
-        rows.append(f"| verification, {b} `wrong`: ceiling of any verifier on math-verify's parser, 2 workers "
-                    f"({c['ms_per_parse']:.1f} ms per parse) | | | {c['ceiling_vs_raw']:.1f}x | >= 10x |")
+        rows.append(f"| verification, {b} `wrong`: ceiling of any verifier on math-verify's parser with 2 workers "
+                    f"(gold parse {c['ms_per_gold_parse']:.1f} ms + prediction parse "
+                    f"{c['ms_per_prediction_parse']:.1f} ms per check; golds cached: "
+                    f"{c['pred_only_ceiling_vs_raw']:.1f}x) | | | {c['ceiling_vs_raw']:.1f}x | >= 10x |")
     stages = ", ".join(f"{k} {v:.1f}" for k, v in e["stages_s"].items() if v >= 0.05)
     rows.append(f"| end to end: one quickstart round, wall s (stages s: {stages}) | {e['wall_s']:.0f} | | | |")
     rows.append(f"| end to end: peak RSS of the run, MB | {e['peak_rss_mb']:,.0f} | | | |")
