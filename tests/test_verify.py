@@ -318,14 +318,14 @@ def test_worker_crash_is_recovered(mv):
 def test_items_of_one_gold_go_to_the_worker_that_parsed_it():
     """A rollout's samples share a gold: the scheduler keeps them on one worker (one gold parse, not one per
     worker), gives an idle worker a gold nobody is on, and only then shares a gold to keep both busy."""
-    from collections import deque
+    from collections import OrderedDict, deque
 
     from alignlab.verify._pool import WorkerPool, _requeue, _Worker
 
     pool = WorkerPool(2, timeout_s=1.0, memory_mb=0)
     a, b = _Worker(sock=None, pid=1), _Worker(sock=None, pid=2)  # type: ignore[arg-type]
     pool._state["workers"] = [a, b]
-    pending = {"g1": deque([0, 1, 2]), "g2": deque([3, 4])}
+    pending = OrderedDict(g1=deque([0, 1, 2]), g2=deque([3, 4]))
     a.item = pool._next_item(a, pending)
     b.item = pool._next_item(b, pending)
     assert (a.item, a.gold, b.item, b.gold) == (0, "g1", 3, "g2")

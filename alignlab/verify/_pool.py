@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import weakref
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -207,14 +207,10 @@ def _shutdown(state: dict, owner_pid: int) -> None:
         _register(-1)
 
 
-def _requeue(pending: dict[str, deque[int]], gold: str, i: int) -> None:
+def _requeue(pending: OrderedDict[str, deque[int]], gold: str, i: int) -> None:
     """Put item ``i`` back at the front of the queue."""
-    queue = pending.pop(gold, deque())
-    queue.appendleft(i)
-    rest = list(pending.items())
-    pending.clear()
-    pending[gold] = queue
-    pending.update(rest)
+    pending.setdefault(gold, deque()).appendleft(i)
+    pending.move_to_end(gold, last=False)
 
 
 class WorkerPool:
@@ -272,7 +268,7 @@ class WorkerPool:
         results: list[bool | None] = [None] * len(items)
         while len(self._workers) < min(self.n, len(items)):
             self._workers.append(self._fork())
-        pending: dict[str, deque[int]] = {}  # gold -> its items, in order: a gold's items go to one worker
+        pending: OrderedDict[str, deque[int]] = OrderedDict()  # gold -> its items: a gold's items go to one worker
         for i, (gold, _) in enumerate(items):
             pending.setdefault(gold, deque()).append(i)
         retried = [False] * len(items)
@@ -344,7 +340,7 @@ class WorkerPool:
             sel.close()
         return [bool(r) for r in results]
 
-    def _next_item(self, w: _Worker, pending: dict[str, deque[int]]) -> int:
+    def _next_item(self, w: _Worker, pending: OrderedDict[str, deque[int]]) -> int:
         """The next item for idle worker ``w``: another of its last gold's items (that gold's parse is cached in
         ``w``), else the first gold no busy worker is on, else the first pending item. A rollout's N samples of
         one problem then cost one gold parse, not one per worker."""
