@@ -144,7 +144,8 @@ def rollout_diagnostics(problems: list[Problem], rollouts: list[Rollout]) -> dic
 
 
 def resolve_out_dir(cfg: DictConfig, hydra_out: str | None, explicit: bool = False) -> Path:
-    """The run's directory; ``resume=true`` without an explicit dir continues the latest unfinished run."""
+    """The run's directory; ``resume=true`` without an explicit dir continues the latest unfinished run (and
+    leaves ``resumed_in.txt`` in the new Hydra job dir, so ``alignlab report`` does not count it as a run)."""
     out = Path(cfg.out_dir or hydra_out or f"outputs/{cfg.experiment_name}/run")
     explicit = explicit or bool(cfg.out_dir)
     if cfg.resume and not explicit and not any(out.glob("round_*")) and not (out / "base_eval.json").exists():

@@ -101,14 +101,17 @@ def parse_floor(preds: list[str], golds: list[str], workers: int) -> dict:
     no string or number shortcut proves two expressions different). ``ceiling_checks_per_s`` = ``workers`` x
     checks / that time: the most any verifier built on math-verify's parser can do here with ``workers``
     processes, even if comparing took no time. ``pred_only_*``: the same if every gold were already parsed."""
-    from math_verify import parse
+    from collections import OrderedDict
+
     from math_verify.parser import parse_latex_cached
+
+    from alignlab.verify._worker import _parse  # the workers' own parse call, here with an empty cache
 
     def timed(strings: list[str]) -> float:
         parse_latex_cached.cache_clear()
         t0 = time.perf_counter()
         for a in strings:
-            parse("\\boxed{" + a + "}", parsing_timeout=None)
+            _parse(a, OrderedDict())
         return time.perf_counter() - t0
 
     answers = list(dict.fromkeys(normalize_answer(e) for e in map(extract_answer, preds) if e is not None))
