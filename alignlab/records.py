@@ -1,12 +1,15 @@
 """The records that flow between the runner's stages, and their JSONL storage.
 
-Every stage writes one JSONL file atomically (write tmp; fsync; rename), so a file that
-exists is complete. A file without its trailing ``.done`` marker line is treated as absent.
+Every stage writes one JSONL file atomically (write tmp; fsync; rename) holding exactly one record per line,
+so ``datasets.load_dataset("json")`` and TRL read it unchanged. Completeness is shown by a sidecar
+``<name>.done`` written after the rename, holding the file's row count, size and sha256: a file without a
+matching sidecar (a crash before the sidecar, or a file truncated or edited later) is treated as absent.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from collections.abc import Iterable
@@ -60,7 +63,13 @@ class Selected:
 
 T = TypeVar("T")
 
-_END = {"__complete__": True}
+DONE_SUFFIX = ".done"  # sidecar completion marker: <name>.jsonl.done
+
+
+def done_path(path: str | Path) -> Path:
+    """The sidecar marker that says ``path`` was written completely."""
+    path = Path(path)
+    return path.with_name(path.name + DONE_SUFFIX)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -80,38 +89,40 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         os.close(dir_fd)
 
 
+def _fingerprint(data: bytes) -> dict[str, Any]:
+    return {"rows": data.count(b"\n"), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
 def write_jsonl(path: str | Path, records: Iterable[Any]) -> None:
-    """Atomically write dataclass records as JSONL, ending with a completion marker line."""
-    lines = [json.dumps(dataclasses.asdict(r) if dataclasses.is_dataclass(r) else r) for r in records]
-    lines.append(json.dumps(_END))
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    """Atomically write records as JSONL (one record per line, nothing else), then its ``.done`` sidecar."""
+    path = Path(path)
+    done_path(path).unlink(missing_ok=True)  # a stale marker must never vouch for the new file
+    text = "".join(json.dumps(dataclasses.asdict(r) if dataclasses.is_dataclass(r) else r) + "\n" for r in records)
+    atomic_write_text(path, text)
+    atomic_write_text(done_path(path), json.dumps(_fingerprint(text.encode("utf-8"))) + "\n")
 
 
 def is_complete(path: str | Path) -> bool:
-    """True when ``path`` exists and ends with the completion marker (a truncated file is not)."""
-    path = Path(path)
-    if not path.exists():
+    """True when ``path`` exists and matches its ``.done`` sidecar (a truncated or half-written file does not)."""
+    path, marker = Path(path), done_path(path)
+    if not path.exists() or not marker.exists():
         return False
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        f.seek(max(0, size - 64))
-        tail = f.read().decode("utf-8", errors="replace").strip().splitlines()
-    return bool(tail) and tail[-1] == json.dumps(_END)
+    try:
+        want = json.loads(marker.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    if not isinstance(want, dict) or path.stat().st_size != want.get("bytes"):
+        return False
+    return _fingerprint(path.read_bytes()) == want
 
 
 def read_jsonl(path: str | Path, cls: type[T] | None = None) -> list[T]:
     """Read records written by :func:`write_jsonl`; raises if the file is incomplete."""
     if not is_complete(path):
-        raise FileNotFoundError(f"{path} is missing or incomplete (no completion marker)")
-    out = []
+        raise FileNotFoundError(f"{path} is missing or incomplete (no matching {done_path(path).name})")
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            if row == _END:
-                break
-            out.append(_from_dict(cls, row) if cls is not None else row)
-    return out
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [_from_dict(cls, row) for row in rows] if cls is not None else rows
 
 
 def _from_dict(cls: type[T], row: dict) -> T:

@@ -167,12 +167,20 @@ def test_full_selector_keeps_everything():
 def test_records_roundtrip_and_truncation_is_detected(tmp_path):
     path = tmp_path / "x.jsonl"
     sel = [Selected(Pair("a", "p", "c", "r", {"k": 1}), 0.5)]
-    write_jsonl(path, sel)
-    assert is_complete(path) and read_jsonl(path, Selected) == sel
-    path.write_text(path.read_text().splitlines()[0] + "\n")  # a crash mid-write
+    write_jsonl(path, sel + sel)
+    assert is_complete(path) and read_jsonl(path, Selected) == sel + sel
+    assert len(path.read_text().splitlines()) == 2  # one line per record, no marker row
+    full = path.read_text()
+    path.write_text(full.splitlines()[0] + "\n")  # whole lines, one record short
     assert not is_complete(path)
     with pytest.raises(FileNotFoundError):
         read_jsonl(path, Selected)
+    path.write_text(full[:-9])  # cut mid-line
+    assert not is_complete(path)
+    path.write_text(full)
+    assert is_complete(path)
+    write_jsonl(path, [])  # an empty stage is complete too, and is an empty file
+    assert is_complete(path) and path.read_text() == "" and read_jsonl(path) == []
 
 
 def test_references_pick_the_right_checkpoint(tmp_path):
@@ -240,7 +248,7 @@ def test_torch_trainer_dpo_raises_the_margin_and_saves_hf_dir(tiny_dir, tmp_path
     tr = TorchTrainer(lr=3e-4, epochs=3, batch_size=4, grad_accum=2, warmup_ratio=0.0)
     res = tr.train(tiny_dir, pairs, ref, DPOLoss(beta=0.5), tmp_path / "ckpt", seed=0)
     assert (tmp_path / "ckpt" / "model.safetensors").exists() and res.steps == 3
-    assert res.history[-1]["rewards/margin"] > res.history[0]["rewards/margin"]
+    assert res.history[-1]["rewards/margins"] > res.history[0]["rewards/margins"]
     assert res.history[-1]["loss"] < math.log(2)
     after = reference_logps(tmp_path / "ckpt", pairs)
     margin = lambda r: sum(c - x for c, x in zip(r["chosen"], r["rejected"]))  # noqa: E731

@@ -340,7 +340,7 @@ def test_dpo_gradient_weight_is_sigmoid_of_minus_reward_margin_times_beta(beta):
     loss, metrics = DPOLoss(beta)(PairLogps(pc, pr, rc, rr, tokens, tokens))
     loss.sum().backward()
     z = beta * ((pc - rc) - (pr - rr)).detach()  # reward margin
-    torch.testing.assert_close(metrics["rewards/margin"], z)
+    torch.testing.assert_close(metrics["rewards/margins"], z)
     torch.testing.assert_close(pc.grad, -beta * torch.sigmoid(-z))
     torch.testing.assert_close(pr.grad, beta * torch.sigmoid(-z))
 
@@ -407,8 +407,8 @@ def test_weighted_loss_is_the_weighted_sum():
     total, metrics = WeightedLoss(parts, weights)(lp)
     expected = sum(w * fn(lp)[0] for w, fn in zip(weights, parts))
     torch.testing.assert_close(total, expected)
-    assert set(metrics) >= {"loss/dpo_0", "loss/ipo", "loss/sft", "loss/dpo_3", "nll/chosen", "rewards/margin"}
-    torch.testing.assert_close(metrics["rewards/margin"], parts[0](lp)[1]["rewards/margin"])  # first beta wins
+    assert set(metrics) >= {"loss/dpo_0", "loss/ipo", "loss/sft", "loss/dpo_3", "nll/chosen", "rewards/margins"}
+    torch.testing.assert_close(metrics["rewards/margins"], parts[0](lp)[1]["rewards/margins"])  # first beta wins
     assert WeightedLoss(parts, weights).beta == 0.1
     assert not hasattr(WeightedLoss([SFTLoss()], [1.0]), "beta")
     torch.testing.assert_close(WeightedLoss(parts)(lp)[0], sum(fn(lp)[0] for fn in parts))  # default weights 1

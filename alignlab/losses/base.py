@@ -37,8 +37,8 @@ def reward_metrics(lp: PairLogps, beta: float) -> dict[str, Tensor]:
     return {
         "rewards/chosen": rc,
         "rewards/rejected": rr,
-        "rewards/margin": rc - rr,
-        "rewards/accuracy": (rc > rr).float(),
+        "rewards/margins": rc - rr,
+        "rewards/accuracies": (rc > rr).float(),
         "logps/chosen": lp.policy_chosen.detach(),
         "logps/rejected": lp.policy_rejected.detach(),
     }

@@ -47,7 +47,7 @@ def run_stats(d: Path) -> dict | None:
         rd = d / f"round_{k}"
         ts = json.loads((rd / "train_steps.json").read_text()) if (rd / "train_steps.json").exists() else {}
         out["step_log"] += [{a: st.get(a) for a in ("grad_norm", "grad_var_micro", "grad_snr", "loss",
-                                                    "rewards/margin", "rewards/accuracy")} | {"round": k}
+                                                    "rewards/margins", "rewards/accuracies")} | {"round": k}
                             for st in ts.get("steps", [])]
         out["score_tokens"] += ts.get("score_forward_tokens", 0)
         if "buckets" in ts:  # step granularity: candidates seen vs kept, over all passes
