@@ -4,19 +4,19 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# torch: the CPU build. Here it comes from the machine's local wheel cache; elsewhere from PyTorch's CPU index.
+# constraints.txt pins every dependency to the tested version. torch: the CPU build. Here it comes from the machine's local wheel cache; elsewhere from PyTorch's CPU index.
 TORCH ?= torch==2.13.0
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py constraints.txt Makefile | sha1sum | cut -c1-12)
 
 .PHONY: install run test bench lint sft clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml setup.py constraints.txt Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q "$(TORCH)" || $(PIP) install -q "$(TORCH)" --index-url https://download.pytorch.org/whl/cpu
-	$(PIP) install -q --no-build-isolation "deepspeed==0.19.8"   # its setup.py imports torch: use ours
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -c constraints.txt --no-build-isolation deepspeed   # its setup.py imports torch: use ours
+	$(PIP) install -q -c constraints.txt -e ".[dev]"   # pyproject's ranges, pinned to the tested versions
 	@rm -f $(VENV)/.installed-*; touch $@
 
 run: install   ## the embedded quickstart: base eval + 3 rounds of DPO-R1 (N=8)

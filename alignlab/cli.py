@@ -15,10 +15,12 @@ from pathlib import Path
 
 os.environ.setdefault("WANDB_MODE", "offline")  # never online unless logger.mode=online is asked for
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+_CHECKOUT_CONF = Path(__file__).resolve().parent.parent / "conf"
+# a source checkout (or an editable install) reads conf/ beside the package; an installed wheel carries the same
+# tree as the package ``alignlab_conf`` (setup.py maps conf/ onto it)
+CONF_DIR = str(_CHECKOUT_CONF) if (_CHECKOUT_CONF / "config.yaml").is_file() else "pkg://alignlab_conf"
 log = logging.getLogger("alignlab")
 
 
@@ -73,7 +75,8 @@ def _eval(cfg) -> None:
     out = Path(cfg.out_dir or HydraConfig.get().runtime.output_dir)
     tok = load_tokenizer(spec.directory)
     res = evaluator.evaluate(str(spec.directory), gen, spec, tok, None)
-    table = res.get("benchmarks") or {"heldout": {k: res[k] for k in ("accuracy", "n", "se")}}
+    table = res.get("benchmarks") or {"heldout": {k: res[k] for k in ("accuracy", "n", "se", "finished_rate",
+                                                                     "max_new_tokens", "prompts_sha1") if k in res}}
     atomic_write_text(out / "eval.json", json.dumps(table, indent=1))
     fmt = getattr(evaluator, "format_table", None)
     print(fmt(res) if fmt else json.dumps(table, indent=1))
