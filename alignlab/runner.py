@@ -21,6 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from alignlab import config as C
+from alignlab.ledger import LEDGER_KEYS
 from alignlab.models import ModelSpec, count_params, load_tokenizer, require_safetensors
 from alignlab.pairs import group_by_problem
 from alignlab.records import (
@@ -37,7 +38,6 @@ from alignlab.records import (
 from alignlab.sampling import SampleContext
 
 log = logging.getLogger("alignlab")
-LEDGER_KEYS = ("prompts", "samples", "generated_tokens", "trained_tokens", "flops", "wall_s")
 
 
 def build_components(cfg: DictConfig, choices: dict[str, str]) -> dict[str, Any]:

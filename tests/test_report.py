@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from alignlab import report
+from alignlab.report.discovery import parse_overrides
 
 ROUNDS = 3
 NS = (4, 8)
@@ -109,7 +110,7 @@ def _expected(values: list[float]) -> tuple[float, float]:
 
 
 def test_parse_overrides_drops_hydra_and_prefixes() -> None:
-    got = report._parse_overrides(
+    got = parse_overrides(
         ["+a.b=1", "++c='x y'", "hydra.run.dir=/tmp/x", "hydra/launcher=basic", "~d", "e=f=g"]
     )
     assert got == {"a.b": "1", "c": "x y", "e": "f=g"}

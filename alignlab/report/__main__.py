@@ -1,0 +1,7 @@
+"""`python -m alignlab.report ...`, the same as `alignlab report ...`."""
+
+import sys
+
+from alignlab.report.cli import main
+
+sys.exit(main())
