@@ -249,3 +249,232 @@ def test_cli_errors(tmp_path: Path) -> None:
     assert report.main([str(tmp_path)]) == 1  # nothing to report
     assert report.main([str(tmp_path / "nope")]) == 2
     assert not (tmp_path / "report.md").exists()
+
+
+# ------------------------------------------------------------------------------ paired differences (--baseline)
+
+BASE_ACC = {0: 0.30, 1: 0.32, 2: 0.28, 3: 0.31, 4: 0.29}
+SAGE_DIFF = {0: 0.02, 1: 0.03, 2: 0.01, 3: 0.04, 4: 0.00}  # all >= 0: the interval excludes 0
+RANDOM_DIFF = {0: 0.01, 1: -0.02, 2: 0.03, 3: -0.01, 4: 0.00, 5: 0.5}  # seed 5 has no baseline partner
+T975 = {1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 9: 2.2622, 30: 2.0423}  # Student t tables, two-sided 95 %
+
+
+def _two_round(acc: float, seed: int) -> dict:
+    """A 2-round summary whose round 1 is 0.05 below its final accuracy `acc`."""
+    s = _summary(4, 1.0, seed, rounds=2, experiment="cmp")
+    s["rounds"][0]["eval"]["accuracy"] = acc - 0.05
+    s["rounds"][1]["eval"]["accuracy"] = acc
+    return s
+
+
+@pytest.fixture(scope="module")
+def paired_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Baseline = the experiment's default selector (no override; Hydra's choice says `full`), 5 seeds, plus a
+    `selector=sage` and a `selector=random` arm with known per-seed differences."""
+    root = tmp_path_factory.mktemp("paired")
+    for seed, acc in BASE_ACC.items():
+        d = _write_run(root / f"full_{seed}", ["experiment=cmp", f"seed={seed}"], _two_round(acc, seed), rounds=2)
+        (d / ".hydra" / "hydra.yaml").write_text("hydra:\n  runtime:\n    choices:\n      selector: full\n")
+    for name, diffs in (("sage", SAGE_DIFF), ("random", RANDOM_DIFF)):
+        for seed, diff in diffs.items():
+            acc = BASE_ACC.get(seed, 0.3) + diff
+            _write_run(root / f"{name}_{seed}", ["experiment=cmp", f"selector={name}", f"seed={seed}"],
+                       _two_round(acc, seed), rounds=2)
+    return root
+
+
+def _t_interval(diffs: list[float]) -> tuple[float, float, float]:
+    """Hand-computed: mean ± t(0.975, n-1) * sd / sqrt(n), t from the printed table."""
+    n, mean, sd = len(diffs), statistics.mean(diffs), statistics.stdev(diffs)
+    half = T975[n - 1] * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def test_t_quantile_matches_tables() -> None:
+    from alignlab.report.paired import t_quantile
+
+    for df, t in T975.items():
+        assert t_quantile(0.975, df) == pytest.approx(t, abs=1e-4), df
+    assert t_quantile(0.95, 10) == pytest.approx(1.8125, abs=1e-4)
+    with pytest.raises(ValueError, match="df"):
+        t_quantile(0.975, 0)
+
+
+def test_baseline_paired_ci_known_values(paired_tree: Path, tmp_path: Path) -> None:
+    assert report.main([str(paired_tree), "--out", str(tmp_path), "--baseline", "selector=full"]) == 0
+    with (tmp_path / "report.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {"baseline", "paired_seeds", "diff_mean", "ci95_low", "ci95_high"} <= set(rows[0])
+    assert "boot95_low" not in rows[0]  # bootstrap is opt-in
+
+    def final_row(name: str) -> dict:
+        return next(r for r in rows if r["run_dir"] == f"../{paired_tree.name}/{name}_0" and r["round"] == "2")
+
+    for name, diffs in (("sage", SAGE_DIFF), ("random", RANDOM_DIFF)):
+        shared = [diffs[s] for s in BASE_ACC]  # seed 5 of random is not paired
+        mean, low, high = _t_interval(shared)
+        row = final_row(name)
+        assert row["baseline"] == "selector=full" and row["paired_seeds"] == "5"
+        assert float(row["diff_mean"]) == pytest.approx(mean, abs=1e-9)
+        assert float(row["ci95_low"]) == pytest.approx(low, abs=2e-5)  # table t has 4 decimals
+        assert float(row["ci95_high"]) == pytest.approx(high, abs=2e-5)
+    sage_low = float(final_row("sage")["ci95_low"])
+    assert 0 < sage_low < 0.001  # 0.02 - 2.7764 * 0.0158 / sqrt(5) = 0.00037: excludes 0, barely
+    round1 = next(r for r in rows if r["run_dir"].endswith("sage_3") and r["round"] == "1")
+    assert float(round1["diff_mean"]) == pytest.approx(statistics.mean(SAGE_DIFF.values()))  # same offsets in round 1
+    assert {r["ci95_low"] for r in rows if "/full_" in r["run_dir"]} == {""}  # the baseline's own rows
+
+    md = (tmp_path / "report.md").read_text()
+    section = md.split("## Paired differences vs baseline `selector=full`")[1].split("\n## ")[0]
+    sage = next(line for line in section.splitlines() if line.startswith("| `selector=sage"))
+    rand = next(line for line in section.splitlines() if line.startswith("| `selector=random"))
+    assert sage.split("|")[2].strip() == "0, 1, 2, 3, 4" and sage.rstrip(" |").endswith("yes")
+    assert rand.rstrip(" |").endswith("no")
+    mean, low, high = _t_interval(list(SAGE_DIFF.values()))
+    assert f"| {mean:+.3f} | {low:+.3f} | {high:+.3f} |" in sage
+
+
+def test_baseline_bootstrap_over_seeds(paired_tree: Path, tmp_path: Path) -> None:
+    assert report.main([str(paired_tree), "--out", str(tmp_path), "--baseline", "selector=full",
+                        "--bootstrap", "4000"]) == 0
+    with (tmp_path / "report.csv").open() as f:
+        row = next(r for r in csv.DictReader(f) if r["run_dir"].endswith("sage_0") and r["round"] == "2")
+    lo, hi = float(row["boot95_low"]), float(row["boot95_high"])
+    # A resampled mean of the five differences lies within their range and brackets their mean.
+    assert min(SAGE_DIFF.values()) <= lo < statistics.mean(SAGE_DIFF.values()) < hi <= max(SAGE_DIFF.values())
+    assert "boot95_low" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--baseline", "selector=nope"], "no configuration matches; values found: selector in {full, random, sage}"),
+        (["--baseline", "experiment=cmp"], "3 configurations match"),
+        (["--baseline", "selector"], "expected KEY=VALUE"),
+        (["--bootstrap", "100"], "--bootstrap needs --baseline"),
+    ],
+)
+def test_baseline_errors_name_the_problem(paired_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                          args: list[str], message: str) -> None:
+    assert report.main([str(paired_tree), "--out", str(tmp_path / "out"), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing written before the arguments are known good
+
+
+# -------------------------------------------------------------- corrupt or partial summary.json (issue: bad input)
+
+CORRUPT = {  # dir name -> (summary.json bytes, expected status, words of the expected reason)
+    "empty": (b"", "unreadable", "summary.json unreadable"),
+    "binary": (bytes(range(256)), "unreadable", "summary.json unreadable"),
+    "list": (b"[1, 2]", "malformed", "not an object (a list)"),
+    "base_number": (b'{"base": 5, "rounds": []}', "malformed", "base is not an object"),
+    "no_base": (b'{"rounds": []}', "malformed", "no base.accuracy"),
+    "rounds_string": (b'{"base": {"accuracy": 0.2}, "rounds": "x"}', "malformed", "rounds is not a list (a str)"),
+    "round_number": (b'{"base": {"accuracy": 0.2}, "rounds": [7]}', "malformed", "rounds[0] is not an object"),
+    "eval_list": (b'{"base": {"accuracy": 0.2}, "rounds": [{"round": 1, "eval": []}]}', "malformed",
+                  "rounds[0].eval is not an object"),
+    "ledger_str": (b'{"base": {"accuracy": 0.2}, "rounds": [{"round": 1, "eval": {"accuracy": 0.3}, "ledger": "x"}]}',
+                   "malformed", "rounds[0].ledger is not an object"),
+    "no_round_id": (b'{"base": {"accuracy": 0.2}, "rounds": [{"eval": {"accuracy": 0.3}}]}', "malformed",
+                    "rounds[0] has no round number"),
+    "acc_text": (b'{"base": {"accuracy": 0.2}, "rounds": [{"round": 1, "eval": {"accuracy": "high"}}]}',
+                 "malformed", "rounds without eval.accuracy: [1]"),
+    "partial_rounds": (json.dumps(_summary(4, 1.0, 0, rounds=1)).encode(), "incomplete", "1/3 rounds"),
+}
+
+
+def test_corrupt_or_partial_summaries_are_listed_and_the_rest_reported(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    for s in SEEDS:
+        _write_run(root / f"good_{s}", ["experiment=x", f"seed={s}"], _summary(4, 1.0, s))
+    for name, (content, _, _) in CORRUPT.items():
+        d = _write_run(root / name, ["experiment=x", "seed=9"], None)
+        (d / "summary.json").write_bytes(content)
+    as_dir = _write_run(root / "summary_is_dir", ["experiment=x", "seed=9"], None)
+    (as_dir / "summary.json").mkdir()
+    out = tmp_path / "out"
+    assert report.main([str(root), "--out", str(out)]) == 0
+
+    md = (out / "report.md").read_text()
+    results = md.split("## Results")[1].split("\n## ")[0]
+    mean, se = _expected([_acc(4, 1.0, s, ROUNDS) for s in SEEDS])
+    assert f"| `experiment=x` | {len(SEEDS)} |" in results and f"**{mean:.3f} ± {se:.3f}**" in results
+    failed = md.split("## Failed or incomplete runs")[1]
+    rows = {line.split("|")[1].strip(" `"): line for line in failed.splitlines() if line.startswith("| `")}
+    for name, (_, status, reason) in CORRUPT.items():
+        line = rows[f"../runs/{name}"]
+        assert f"| {status} |" in line and reason in line, (name, line)
+    assert "| unreadable | summary.json unreadable: [Errno 21] Is a directory" in rows["../runs/summary_is_dir"]
+    assert len(rows) == len(CORRUPT) + 1 and all(f"good_{s}" not in failed for s in SEEDS)
+    with (out / "report.csv").open() as f:
+        statuses = {r["run_dir"]: r["status"] for r in csv.DictReader(f)}
+    assert statuses["../runs/partial_rounds"] == "incomplete"  # its one round is kept, flagged
+    assert {statuses[f"../runs/good_{s}"] for s in SEEDS} == {"ok"}
+
+
+# ------------------------------------------- the committed study reports, regenerated from their own report.csv
+
+STUDY_CSVS = sorted(Path(__file__).resolve().parents[1].glob("experiments/**/report.csv"))
+
+
+def _typed(text: str) -> int | float | None:
+    if text == "":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def _rebuild_runs(csv_path: Path, out: Path) -> list[Path]:
+    """Run dirs (summary.json + .hydra/) that hold exactly what `csv_path` says, placed where its run_dir column
+    points relative to `out`. The study runs themselves are not committed; their report.csv is."""
+    with csv_path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    cols = list(rows[0])
+    ledger_cols = cols[cols.index("selected") + 1: cols.index("base_accuracy")]
+    override_cols = cols[5: cols.index("round")]
+    diag_cols = [c for c in cols if c in ("token_entropy", "distinct_answers", "pass_at_k", "mean_pass_rate")]
+    by_run: dict[str, list[dict]] = {}
+    for row in rows:
+        by_run.setdefault(row["run_dir"], []).append(row)
+    dirs = []
+    for run_dir, rs in by_run.items():
+        first = rs[0]
+        rounds = [
+            {"round": int(r["round"]), "pairs": _typed(r["pairs"]), "selected": _typed(r["selected"]),
+             "eval": {"accuracy": _typed(r["accuracy"]), "se": _typed(r["se"]), "n": _typed(r["n"]),
+                      "by_difficulty": {c.split("_", 2)[2]: _typed(r[c]) for c in cols
+                                        if c.startswith("acc_difficulty_") and r[c] != ""}},
+             "ledger": {c: _typed(r[c]) for c in ledger_cols},
+             **({"diagnostics": {c: _typed(r[c]) for c in diag_cols if r[c] != ""}} if diag_cols else {})}
+            for r in rs
+        ]
+        summary = {"experiment": first["experiment"], "seed": _typed(first["seed"]), "status": first["status"],
+                   "base": {"accuracy": _typed(first["base_accuracy"]), "se": _typed(first["base_se"])},
+                   "rounds": rounds}
+        overrides = [f"experiment={first['experiment']}", f"seed={first['seed']}"]
+        overrides += [f"{c}={first[c]}" for c in override_cols if first[c] != ""]
+        d = (out / run_dir).resolve()
+        _write_run(d, overrides, summary, rounds=len(rounds))
+        dirs.append(d)
+    return dirs
+
+
+@pytest.mark.parametrize("csv_path", STUDY_CSVS, ids=lambda p: str(p.parent.relative_to(p.parents[2])))
+def test_committed_study_report_is_reproduced(csv_path: Path, tmp_path: Path) -> None:
+    """report.csv comes back byte for byte and report.md's results table line for line (the rest of report.md
+    holds hand edits and diagnostics that report.csv does not carry)."""
+    from alignlab.report.render import write_csv, write_markdown
+
+    out = tmp_path / "a" / "b" / "c" / "d" / "e" / "f" / "out"  # deep enough for every run_dir's ../
+    out.mkdir(parents=True)
+    runs = report.load_runs(_rebuild_runs(csv_path, out))
+    assert all(r.ok for r in runs)
+    assert write_csv(runs, out).read_bytes() == csv_path.read_bytes()
+    write_markdown(runs, report.aggregate(runs), out, [])
+
+    def results(md: str) -> str:
+        return md.split("## Results")[1].split("\n## ")[0]
+
+    assert results((out / "report.md").read_text()) == results((csv_path.parent / "report.md").read_text())

@@ -67,6 +67,7 @@ def _paired_section(paired: Paired, labels: dict[Key, str], round_ids: list[int]
         "(mean over shared seeds; 95 % CI = mean ± t(0.975, n−1)·sd/√n"
         + (f"; bootstrap: {paired.bootstrap} resamples of the shared seeds, percentile interval" if boot else "")
         + "). An interval that excludes 0 is a measured difference; one that includes 0 is not.",
+        f"Baseline configuration: `{labels[paired.baseline]}`.",
         "",
     ]
     header = ["configuration", "paired seeds", *[f"Δ round {r} [95% CI]" for r in round_ids], "Δ final acc",
