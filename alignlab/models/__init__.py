@@ -18,6 +18,10 @@ def resolve_path(path: str) -> Path:
     """``pkg://x`` means a path inside the installed alignlab package (the embedded checkpoint)."""
     if path.startswith("pkg://"):
         return PACKAGE_ROOT / path[len("pkg://"):]
+    from alignlab import hub
+
+    if hub.is_hub_id(path):  # org/name: its snapshot in the Hugging Face cache (ModelSpec.check_exists fetches it)
+        return hub.cached_model_dir(path) or Path(path)
     return Path(path).expanduser()
 
 
@@ -45,9 +49,18 @@ class ModelSpec:
         return resolve_path(self.path)
 
     def check_exists(self) -> None:
+        from alignlab import hub
+
+        if hub.is_hub_id(self.path):
+            try:
+                hub.fetch_model(self.path)  # the hub only for a hub id; offline, a cached copy or a fast error
+            except hub.HubUnavailable as e:
+                raise FileNotFoundError(str(e)) from None
         d = self.directory
         if not (d / "config.json").exists():
-            raise FileNotFoundError(f"model.path: no Hugging Face model directory at {d} (config.json missing)")
+            hint = (f". If it is a hub model, download it: `huggingface-cli download <org/name> --local-dir {d}`, "
+                    f"or set model.path=<org/name> to fetch it from the hub")
+            raise FileNotFoundError(f"model.path: no Hugging Face model directory at {d} (config.json missing){hint}")
         require_safetensors(d)
 
     def messages(self, content: str) -> list[dict[str, str]]:

@@ -1,0 +1,195 @@
+"""``data=hf`` / ``data=verl``: training prompts from any source ``datasets`` reads.
+
+``path`` is a hub dataset id (``openai/gsm8k``), a local ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` file,
+or a local directory of such files (``train.parquet`` + ``test.parquet``, as verl and OpenRLHF users keep them).
+Which column is the prompt, the gold answer, the id and the difficulty is config (dotted keys reach into nested
+columns: verl's ``reward_model.ground_truth``); a prompt column holding chat messages uses its last user turn.
+Round k takes the k-th slice of a seeded order, as ``data=gsm8k`` does. Held-out problems come from
+``heldout_path`` (or ``heldout_split`` of the same source) when given, else ``eval_problems`` rows are set aside
+from the training source and never trained on.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+from alignlab import hub
+from alignlab.records import Problem
+from alignlab.verify.extract import extract_boxed
+
+log = logging.getLogger("alignlab")
+
+FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+ANSWER_FORMATS = ("plain", "gsm8k", "boxed")
+OFFLINE_HINT = ("Offline, point data.path at a local .jsonl/.parquet file or directory, or use data=gsm8k, which "
+                "reads ../shared/data/train/gsm8k/train.jsonl (ALIGNLAB_DATA moves that root).")
+
+
+def load_rows(path: str, split: str = "train", name: str | None = None, key: str = "data.path") -> list[dict]:
+    """Every row of a hub dataset split, a local file, or a local directory (its ``split`` files), as dicts."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    local = Path(path).expanduser()
+    try:
+        if local.is_file():
+            builder = FORMATS.get(local.suffix.lower())
+            if builder is None:
+                raise ValueError(f"{key}: {local} is not one of {', '.join(FORMATS)}")
+            ds = datasets.load_dataset(builder, data_files=str(local), split="train")
+        elif local.is_dir():
+            ds = datasets.load_dataset(str(local), split=split)
+        elif hub.is_hub_id(path):
+            hub.require_hub(key, path, OFFLINE_HINT)
+            ds = datasets.load_dataset(path, name, split=split)
+        else:
+            raise ValueError(f"{key}: no such file or directory {path} (nor an org/name hub dataset id)")
+    except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError, ConnectionError) as e:
+        raise ValueError(f"{key}: cannot read {path} (split {split!r}): {e}. {OFFLINE_HINT}") from e
+    return ds.to_list()
+
+
+def get_key(row: dict, key: str) -> Any:
+    """``row["a"]["b"]`` for ``key="a.b"``; None when any part is missing."""
+    cur: Any = row
+    for part in key.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return None
+        cur = cur[part]
+    return cur
+
+
+def prompt_text(value: Any) -> str | None:
+    """A prompt string, or the last user turn of a chat-messages list (verl's ``prompt`` column)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        users = [m.get("content") for m in value if isinstance(m, dict) and m.get("role") == "user"]
+        return users[-1] if users and isinstance(users[-1], str) else None
+    return None
+
+
+def gold_of(value: Any, answer_format: str) -> str | None:
+    """The bare gold answer: as is (``plain``), after GSM8K's ``####``, or inside the last ``\\boxed{}``."""
+    if isinstance(value, list) and len(value) == 1:  # verl ground truths are sometimes one-element lists
+        value = value[0]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(int(value)) if float(value).is_integer() else str(value)
+    if not isinstance(value, str):
+        return None
+    if answer_format == "gsm8k":
+        return value.rsplit("####", 1)[1].strip().replace(",", "") if "####" in value else None
+    if answer_format == "boxed":
+        return extract_boxed(value)
+    return value.strip()
+
+
+def to_problems(rows: list[dict], source: str, prompt_key: str, answer_key: str, id_key: str | None,
+                difficulty_key: str | None, answer_format: str, strict: bool = False) -> list[Problem]:
+    """Rows -> Problems; a row without a usable prompt or answer is skipped with a warning (an error if strict)."""
+    out, skipped = [], 0
+    for i, row in enumerate(rows):
+        prompt, gold = prompt_text(get_key(row, prompt_key)), gold_of(get_key(row, answer_key), answer_format)
+        why = (f"no usable {prompt_key!r}" if not prompt or not prompt.strip()
+               else f"no usable {answer_key!r} ({answer_format})" if not gold else "")
+        if why:
+            if strict:
+                raise ValueError(f"{source} row {i}: {why} (data.strict=true)")
+            skipped += 1
+            if skipped <= 3:
+                log.warning("%s row %d: skipping: %s", source, i, why)
+            continue
+        uid = get_key(row, id_key) if id_key else None
+        diff = get_key(row, difficulty_key) if difficulty_key else None
+        try:
+            diff = int(diff) if diff is not None else 0
+        except (TypeError, ValueError):  # "Level 3" (MATH) -> 3
+            digits = "".join(c for c in str(diff) if c.isdigit())
+            diff = int(digits) if digits else 0
+        out.append(Problem(id=f"{source}/{uid if uid is not None else i}", prompt=prompt.strip(), answer=gold,
+                           difficulty=diff, source=source))
+    if skipped:
+        log.warning("%s: skipped %d row(s) without a prompt or answer, kept %d", source, skipped, len(out))
+    if not out:
+        raise ValueError(f"data: no usable rows in {source} (prompt_key={prompt_key!r}, answer_key={answer_key!r}, "
+                         f"answer_format={answer_format!r})")
+    return out
+
+
+def shard(rows: list[Problem], n: int, round_index: int, tag: str) -> list[Problem]:
+    """Round k (1-based): the k-th n-row slice of a seeded order; a new order once fewer than n rows are left."""
+    n = min(n, len(rows))
+    epoch, slot = divmod(round_index - 1, len(rows) // n)
+    order = list(range(len(rows)))
+    random.Random(f"{tag}:{epoch}").shuffle(order)
+    return [rows[i] for i in order[slot * n: (slot + 1) * n]]
+
+
+class FileDataset:
+    """Prompts and gold answers from a hub dataset, a local jsonl/parquet file or a directory (see module doc)."""
+
+    def __init__(self, path: str, split: str = "train", name: str | None = None, prompt_key: str = "question",
+                 answer_key: str = "answer", id_key: str | None = None, difficulty_key: str | None = None,
+                 answer_format: str = "plain", train_prompts: int = 512, eval_problems: int = 200, seed: int = 0,
+                 heldout_path: str | None = None, heldout_split: str | None = None, strict: bool = False) -> None:
+        if train_prompts < 1:
+            raise ValueError(f"train_prompts must be >= 1, got {train_prompts}")
+        if eval_problems < 0:
+            raise ValueError(f"eval_problems must be >= 0, got {eval_problems}")
+        if answer_format not in ANSWER_FORMATS:
+            raise ValueError(f"answer_format must be one of {', '.join(ANSWER_FORMATS)}, got {answer_format!r}")
+        for key, value in (("path", path), ("heldout_path", heldout_path)):
+            if value is None:
+                continue
+            local = Path(value).expanduser()
+            if local.is_file() and local.suffix.lower() not in FORMATS:
+                raise ValueError(f"{key}: {local} is not one of {', '.join(FORMATS)}")
+            if not local.exists():
+                if not hub.is_hub_id(value):
+                    raise ValueError(f"{key}: no such file or directory {value} (nor an org/name hub dataset id)")
+                hub.require_hub(f"data.{key}", value, OFFLINE_HINT)
+        if heldout_split and not heldout_path and Path(path).expanduser().is_file():
+            raise ValueError(f"heldout_split: path {path} is a single file (it has no {heldout_split!r} split); "
+                             f"name the held-out file with heldout_path")
+        self.path, self.split, self.name = path, split, name
+        self.keys = dict(prompt_key=prompt_key, answer_key=answer_key, id_key=id_key, difficulty_key=difficulty_key,
+                         answer_format=answer_format, strict=strict)
+        self.train_prompts, self.eval_problems, self.seed = train_prompts, eval_problems, seed
+        self.heldout_path, self.heldout_split = heldout_path, heldout_split
+        self._train: list[Problem] | None = None
+        self._heldout: list[Problem] | None = None
+        if any(v and hub.is_hub_id(v) for v in (path, heldout_path)):
+            self._load()  # a hub dataset that is neither reachable nor cached fails here, before any model loads
+
+    def _source(self, path: str, split: str) -> str:
+        return f"{Path(path).name if Path(path).expanduser().exists() else path}:{split}"
+
+    def _load(self) -> None:
+        if self._train is not None:
+            return
+        rows = to_problems(load_rows(self.path, self.split, self.name), self._source(self.path, self.split),
+                           **self.keys)
+        if self.heldout_path or self.heldout_split:
+            path, split = self.heldout_path or self.path, self.heldout_split or self.split
+            held = to_problems(load_rows(path, split, self.name, key="data.heldout_path"), self._source(path, split),
+                               **self.keys)[: self.eval_problems]
+        else:  # set aside a seeded sample of the training source; those rows are never trained on
+            order = list(range(len(rows)))
+            random.Random(f"files-heldout:{self.seed}").shuffle(order)
+            k = min(self.eval_problems, len(rows) - 1)
+            held_idx = set(order[:k])
+            held = [rows[i] for i in sorted(held_idx)]
+            rows = [r for i, r in enumerate(rows) if i not in held_idx]
+        self._train, self._heldout = rows, held
+        log.info("data: %d training prompts from %s, %d held-out problems", len(rows), self.path, len(held))
+
+    def train(self, round_index: int) -> list[Problem]:
+        self._load()
+        return shard(self._train, self.train_prompts, round_index, f"files:{self.seed}")
+
+    def heldout(self) -> list[Problem]:
+        self._load()
+        return list(self._heldout)
