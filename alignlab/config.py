@@ -11,6 +11,7 @@ the validation pass.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import inspect
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +24,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 GROUPS = ("model", "data", "generation", "sampler", "verifier", "pair_builder", "selector", "loss", "reference",
           "trainer", "eval", "logger")
+
+
+class PairsFormat(enum.Enum):
+    standard = "standard"
+    conversational = "conversational"
 
 
 @dataclass
@@ -48,6 +54,9 @@ class RunSchema:
     logger: Any = MISSING
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes carried into summary.json
     stage: str | None = None  # "sft_base" runs the warm-start script instead of rounds
+    # standard: round_k/pairs.jsonl (prompt/chosen/rejected strings, TRL's standard format) only; conversational:
+    # also round_k/pairs.conversational.jsonl, prompt and answers as chat messages (TRL's conversational format)
+    pairs_format: PairsFormat = PairsFormat.standard
     sft_base: Any = None
 
 

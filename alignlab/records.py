@@ -129,3 +129,10 @@ def _from_dict(cls: type[T], row: dict) -> T:
     if cls is Selected:
         return Selected(pair=Pair(**row["pair"]), score=row["score"])  # type: ignore[return-value]
     return cls(**row)
+
+
+def conversational_pair(pair: Pair, prompt_messages: list[dict[str, str]]) -> dict[str, Any]:
+    """``pair`` in TRL's conversational format: the prompt as chat messages, each answer one assistant turn."""
+    return {"problem_id": pair.problem_id, "prompt": prompt_messages,
+            "chosen": [{"role": "assistant", "content": pair.chosen}],
+            "rejected": [{"role": "assistant", "content": pair.rejected}], "meta": pair.meta}

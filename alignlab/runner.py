@@ -31,6 +31,7 @@ from alignlab.records import (
     Rollout,
     Selected,
     atomic_write_text,
+    conversational_pair,
     is_complete,
     read_jsonl,
     write_jsonl,
@@ -81,14 +82,22 @@ class Ledger:
 def jsonl_stage(path: Path, cls: type, ledger: Ledger, name: str, compute: Callable[[], tuple[list, dict]]) -> list:
     """Load ``path`` if complete; otherwise compute, record its cost, then write atomically."""
     if is_complete(path):
-        return read_jsonl(path, cls)
+        records = read_jsonl(path, cls)
+        log.info("%s: %d records from %s (done before)", stage_label(path, name), len(records), path.name)
+        return records
     if path.exists():
         log.warning("%s is incomplete (left by a crash): regenerating it", path)
     t0 = time.time()
     records, cost = compute()
     ledger.record(name, wall_s=time.time() - t0, **cost)
     write_jsonl(path, records)
+    log.info("%s: %d records in %.1f s -> %s", stage_label(path, name), len(records), time.time() - t0, path.name)
     return records
+
+
+def stage_label(path: Path, name: str) -> str:
+    """``round_2 sample`` / ``base_eval``: what the one INFO line per stage starts with."""
+    return f"{path.parent.name} {name or path.stem}" if path.parent.name.startswith("round_") else name or path.stem
 
 
 def json_stage(path: Path, compute: Callable[[], dict], ledger: Ledger | None = None, name: str = "") -> dict:
@@ -102,6 +111,8 @@ def json_stage(path: Path, compute: Callable[[], dict], ledger: Ledger | None = 
     if ledger is not None:
         ledger.record(name, wall_s=time.time() - t0)
     atomic_write_text(path, json.dumps(result, indent=1))
+    counts = f" n={result['n']}," if isinstance(result, dict) and "n" in result else ""
+    log.info("%s:%s in %.1f s -> %s", stage_label(path, name), counts, time.time() - t0, path.name)
     return result
 
 
@@ -229,6 +240,10 @@ def _rounds(cfg, out_dir, spec, data, gen, sampler, verifier, pair_builder, sele
         prompts = {p.id: spec.render(tok, p.prompt) for p in problems}
         pairs = jsonl_stage(rd / "pairs.jsonl", Pair, ledger, "pairs",
                             lambda: (pair_builder.build(problems, verdicts, prompts, seed=int(cfg.seed) + k), {}))
+        fmt = cfg.get("pairs_format")  # conversational: TRL's messages format too
+        if getattr(fmt, "value", fmt) == "conversational" and not is_complete(rd / "pairs.conversational.jsonl"):
+            messages = {p.id: spec.messages(spec.prompt_template.replace("{problem}", p.prompt)) for p in problems}
+            write_jsonl(rd / "pairs.conversational.jsonl", [conversational_pair(p, messages[p.problem_id]) for p in pairs])
         chain = [base_dir] + [str(out_dir / f"round_{j}" / "checkpoint") for j in range(1, k)]
         scorer = make_scorer(reference, chain, rd, trainer)
         selected = jsonl_stage(rd / "selected.jsonl", Selected, ledger, "select",
@@ -254,6 +269,8 @@ def _rounds(cfg, out_dir, spec, data, gen, sampler, verifier, pair_builder, sele
             ledger.record("train", wall_s=time.time() - t0, trained_tokens=train_info["trained_tokens"],
                           flops=6.0 * n_params * train_info["trained_tokens"])
             atomic_write_text(rd / "train.json", json.dumps(train_info, indent=1))
+            log.info("%s train: %d pairs, %d steps, %d tokens in %.1f s", rd.name, len(train_pairs),
+                     train_info["steps"], train_info["trained_tokens"], time.time() - t0)
         train_info = json.loads((rd / "train.json").read_text())
         ev = json_stage(rd / "eval.json", lambda: evaluator.evaluate(str(ckpt), gen, spec, tok, heldout))
         diag = rollout_diagnostics(problems, verdicts)
@@ -318,6 +335,7 @@ def _reference_logps(rd: Path, ledger: Ledger, reference, chain: list[str], pair
     t0 = time.time()
     out = reference.logps(chain, logps_of, rd) if pairs else {"chosen": [], "rejected": []}
     ledger.record("reference", wall_s=time.time() - t0, flops=2.0 * n_params * forward_tokens)
+    log.info("%s reference: %d pairs, %d tokens in %.1f s", rd.name, len(pairs), forward_tokens, time.time() - t0)
     return out
 
 

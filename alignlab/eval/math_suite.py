@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from alignlab.data.benchmarks import BENCHMARKS, load_benchmark
-from alignlab.eval import accuracy_se, greedy_correct
+from alignlab.eval import FINISHED_WARN, accuracy_se, greedy_eval
 from alignlab.records import Problem
 
 DEFAULT_ROOT = os.environ.get("ALIGNLAB_BENCHMARKS", str(Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -43,16 +43,21 @@ class MathSuiteEval:
                  ) -> dict[str, Any]:
         per: dict[str, dict[str, Any]] = {}
         everything: list[bool] = []
+        finished = 0.0
         for name in self.benchmarks:
             probs = load_benchmark(name, self.root, strict=self.strict)[: self.limit or None]
-            correct, _ = greedy_correct(model_dir, generator, spec, tokenizer, probs, self.verifier)
+            correct, outs, info = greedy_eval(model_dir, generator, spec, tokenizer, probs, self.verifier, name)
             acc, se = accuracy_se(correct)
-            per[name] = {"accuracy": acc, "n": len(probs), "se": se}
+            per[name] = {"accuracy": acc, "n": len(probs), "se": se, **info,
+                         "generated_tokens": sum(o[0].tokens for o in outs)}
             everything += correct
+            finished += info["finished_rate"] * len(probs)
         macro = sum(v["accuracy"] for v in per.values()) / len(per)
         acc, se = accuracy_se(everything)
         return {"accuracy": macro, "se": se, "n": len(everything), "micro_accuracy": acc, "benchmarks": per,
-                "by_difficulty": {k: v["accuracy"] for k, v in per.items()}}
+                "by_difficulty": {k: v["accuracy"] for k, v in per.items()},
+                "finished_rate": finished / max(1, len(everything)),
+                "max_new_tokens": int(getattr(generator, "max_new_tokens", 0))}
 
     @staticmethod
     def format_table(res: dict[str, Any]) -> str:
@@ -62,4 +67,10 @@ class MathSuiteEval:
         sep = "|" + "---|" * (len(per) + 1)
         row = "| " + " | ".join(f"{100 * v['accuracy']:.2f} ± {100 * v['se']:.2f}" for v in per.values()) + \
               f" | {100 * res['accuracy']:.2f} |"
-        return "\n".join([head, sep, row])
+        lines = [head, sep, row]
+        if any("finished_rate" in v for v in per.values()):
+            lines.append("| " + " | ".join(f"finished {100 * v.get('finished_rate', 1.0):.0f}%"
+                                           + (" (!)" if v.get("finished_rate", 1.0) < FINISHED_WARN else "")
+                                           for v in per.values())
+                         + f" | max_new_tokens={res.get('max_new_tokens', '?')} |")
+        return "\n".join(lines)

@@ -14,7 +14,7 @@ from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from alignlab.generation import Sample, sample_seed
+from alignlab.generation import Sample, sample_seed, stop_token_ids
 from alignlab.models import load_model, load_tokenizer, resolve_path
 
 _M1, _M2, _M3 = 0x9E3779B97F4A7C15 - (1 << 64), 0xBF58476D1CE4E5B9 - (1 << 64), 0x94D049BB133111EB - (1 << 64)
@@ -90,7 +90,8 @@ class HFGenerator:
     """``generation=hf``: temperature / top-p sampling, or greedy, in length-sorted batches."""
 
     def __init__(self, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 128,
-                 batch_size: int = 256, device: str = "auto", dtype: str = "float32") -> None:
+                 batch_size: int = 256, device: str = "auto", dtype: str = "float32",
+                 max_prompt_tokens: int | None = None, stop_tokens: list[str] | None = None) -> None:
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if not 0 < top_p <= 1:
@@ -99,6 +100,9 @@ class HFGenerator:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if max_prompt_tokens is not None and max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be >= 1 or null, got {max_prompt_tokens}")
+        self.max_prompt_tokens, self.stop_tokens = max_prompt_tokens, list(stop_tokens or [])
         self.temperature, self.top_p = temperature, top_p
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
@@ -126,9 +130,17 @@ class HFGenerator:
 
         model, tok = self._load(model_dir)
         n = 1 if greedy else n
-        stop = {tok.eos_token_id} | set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
+        stop = stop_token_ids(tok, _as_list(getattr(model.generation_config, "eos_token_id", None)), self.stop_tokens)
         room = getattr(model.config, "max_position_embeddings", 1 << 30) - self.max_new_tokens
-        encoded = [tok(p, add_special_tokens=False)["input_ids"][-room:] for p in prompts]  # keep the prompt's end
+        room = min(room, self.max_prompt_tokens or room)
+        encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        if any(len(e) > room for e in encoded):
+            import logging
+
+            logging.getLogger("alignlab").warning(
+                "%d of %d prompts are longer than %d tokens (model.max_prompt_tokens / the context left after "
+                "max_new_tokens): their beginnings are cut", sum(len(e) > room for e in encoded), len(encoded), room)
+        encoded = [e[-room:] for e in encoded]  # keep the prompt's end
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
         per_batch = max(1, self.batch_size // n)
         out: list[list[Sample]] = [[] for _ in prompts]

@@ -15,14 +15,28 @@ PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
 
 def resolve_path(path: str) -> Path:
-    """``pkg://x`` means a path inside the installed alignlab package (the embedded checkpoint)."""
+    """``pkg://x`` means a path inside the installed alignlab package (the embedded checkpoint); ``cache://x`` one
+    inside alignlab's model cache (``$ALIGNLAB_CACHE``, else ``~/.cache/alignlab``: converted real models)."""
     if path.startswith("pkg://"):
         return PACKAGE_ROOT / path[len("pkg://"):]
+    if path.startswith("cache://"):
+        from alignlab.models.smollm2 import cache_root
+
+        return cache_root() / path[len("cache://"):]
     from alignlab import hub
 
     if hub.is_hub_id(path):  # org/name: its snapshot in the Hugging Face cache (ModelSpec.check_exists fetches it)
         return hub.cached_model_dir(path) or Path(path)
     return Path(path).expanduser()
+
+
+def fill(template: str, **fields: str) -> str:
+    """Put ``fields`` into their ``{name}`` slots; every other brace stays literal (``\\boxed{}`` in a prompt)."""
+    for k in fields:
+        template = template.replace("{" + k + "}", "\x00" + k + "\x00")
+    for k, v in fields.items():  # two passes: a problem that contains "{answer}" is not filled in
+        template = template.replace("\x00" + k + "\x00", v)
+    return template
 
 
 @dataclass
@@ -37,12 +51,20 @@ class ModelSpec:
                             "Write a corrected solution.")
     dtype: str = "float32"
     max_prompt_tokens: int = 1000
+    # How long this model's answers run: generation.max_new_tokens defaults to it (conf/generation/*.yaml), so a
+    # real model is never cut at the embedded task's short default.
+    max_new_tokens: int = 1024
+    # End-of-turn tokens besides the tokenizer's eos (the generator also finds the chat template's own).
+    stop_tokens: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if "{problem}" not in self.prompt_template:
             raise ValueError("prompt_template must contain '{problem}'")
+        for key in ("max_prompt_tokens", "max_new_tokens"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
 
     @property
     def directory(self) -> Path:
@@ -58,7 +80,8 @@ class ModelSpec:
                 raise FileNotFoundError(str(e)) from None
         d = self.directory
         if not (d / "config.json").exists():
-            hint = (f". If it is a hub model, download it: `huggingface-cli download <org/name> --local-dir {d}`, "
+            hint = (" (run `make smollm2` to download and convert it)" if self.path.startswith("cache://") else
+                    f". If it is a hub model, download it: `huggingface-cli download <org/name> --local-dir {d}`, "
                     f"or set model.path=<org/name> to fetch it from the hub")
             raise FileNotFoundError(f"model.path: no Hugging Face model directory at {d} (config.json missing){hint}")
         require_safetensors(d)
@@ -69,11 +92,11 @@ class ModelSpec:
 
     def render(self, tokenizer, problem: str) -> str:
         """The full prompt text (chat template + generation prompt) for one problem."""
-        content = self.prompt_template.format(problem=problem)
+        content = fill(self.prompt_template, problem=problem)
         return tokenizer.apply_chat_template(self.messages(content), tokenize=False, add_generation_prompt=True)
 
     def render_refine(self, tokenizer, problem: str, attempt: str, answer: str) -> str:
-        content = self.refine_template.format(problem=problem, attempt=attempt, answer=answer)
+        content = fill(self.refine_template, problem=problem, attempt=attempt, answer=answer)
         return tokenizer.apply_chat_template(self.messages(content), tokenize=False, add_generation_prompt=True)
 
     @property

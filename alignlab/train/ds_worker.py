@@ -99,13 +99,17 @@ def metric_keys(loss) -> list[str]:
     return ["loss", *sorted(metrics)]
 
 
-def save_hf(module, tok, out: Path, state_dict: dict | None = None) -> None:
-    """Same atomic layout as ``save_checkpoint``: write ``<out>.tmp``, then rename over ``out``."""
+def save_hf(module, tok, out: Path, state_dict: dict | None = None, source_dir: str | Path | None = None) -> None:
+    """Same atomic layout as ``save_checkpoint``: write ``<out>.tmp``, then rename over ``out``; carries
+    ``alignlab_model.json`` over from ``source_dir`` so ``alignlab eval`` prompts the checkpoint as the run did."""
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     module.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tok.save_pretrained(tmp)
+    meta = Path(source_dir) / "alignlab_model.json" if source_dir else None
+    if meta is not None and meta.exists():
+        shutil.copy(meta, tmp / meta.name)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

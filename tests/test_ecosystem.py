@@ -1,0 +1,172 @@
+"""Fits the ecosystem: data through `datasets`, pair files that `datasets` and TRL read unchanged, hub ids that
+fail fast offline, W&B runs that resume under one id, progress a person can follow."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from alignlab.data.arith import ArithDataset
+from tests.conftest import TINY, TINY_RUN, alignlab
+
+ROUND = [*TINY_RUN, "rounds=1"]
+UNREACHABLE = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": ""}  # a closed local port: offline on any CI
+
+
+def _arith_rows(n: int = 60) -> list[dict]:
+    problems = ArithDataset(train_prompts=n, eval_problems=12, seed=3).train(1)
+    return [{"question": p.prompt, "answer": p.answer, "uid": p.id, "level": p.difficulty} for p in problems]
+
+
+def _verl_rows(rows: list[dict]) -> list[dict]:
+    """verl's RL parquet schema (examples/data_preprocess/gsm8k.py)."""
+    return [{"data_source": "arith", "prompt": [{"role": "user", "content": r["question"]}], "ability": "math",
+             "reward_model": {"style": "rule", "ground_truth": r["answer"]},
+             "extra_info": {"split": "train", "index": i, "level": r["level"]}} for i, r in enumerate(rows)]
+
+
+# -- data through `datasets` -------------------------------------------------------------------------------------
+
+def test_hf_data_reads_jsonl_parquet_and_directories_with_configured_keys(tmp_path):
+    import datasets
+
+    from alignlab.data.files import FileDataset
+
+    rows = _arith_rows(40)
+    (tmp_path / "d").mkdir()
+    datasets.Dataset.from_list(rows).to_json(tmp_path / "train.jsonl")
+    datasets.Dataset.from_list(rows[:30]).to_parquet(tmp_path / "d" / "train.parquet")
+    datasets.Dataset.from_list(rows[30:]).to_parquet(tmp_path / "d" / "test.parquet")
+    ds = FileDataset(str(tmp_path / "train.jsonl"), id_key="uid", difficulty_key="level", train_prompts=8,
+                     eval_problems=10)
+    held, r1, r2 = ds.heldout(), ds.train(1), ds.train(2)
+    assert len(held) == 10 and len(r1) == len(r2) == 8
+    assert not {p.id for p in held} & {p.id for p in r1 + r2}  # held-out rows are never trained on
+    by_id = {f"train.jsonl:train/{r['uid']}": r for r in rows}
+    for p in held + r1:
+        assert p.prompt == by_id[p.id]["question"] and p.answer == by_id[p.id]["answer"]
+        assert p.difficulty == by_id[p.id]["level"]
+    d = FileDataset(str(tmp_path / "d"), heldout_split="test", train_prompts=8, eval_problems=5)
+    assert [p.answer for p in d.heldout()] == [r["answer"] for r in rows[30:35]]
+    assert {p.answer for p in d.train(1)} <= {r["answer"] for r in rows[:30]}
+    with pytest.raises(ValueError, match="heldout_split: path .* is a single file"):
+        FileDataset(str(tmp_path / "train.jsonl"), heldout_split="test")
+    with pytest.raises(ValueError, match="path: no such file or directory"):
+        FileDataset(str(tmp_path / "missing.parquet"))
+
+
+def test_verl_preset_on_a_local_parquet_runs_one_round(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list(_verl_rows(_arith_rows(60))).to_parquet(tmp_path / "train.parquet")
+    run = tmp_path / "run"
+    alignlab("data=verl", f"data.path={tmp_path / 'train.parquet'}", "data.difficulty_key=extra_info.level",
+             *ROUND, f"hydra.run.dir={run}")
+    s = json.loads((run / "summary.json").read_text())
+    assert s["base"]["n"] == 12 and s["rounds"][0]["ledger"]["prompts"] == 12
+    prompts = [json.loads(line) for line in (run / "round_1" / "prompts.jsonl").read_text().splitlines()]
+    assert all(p["id"].startswith("train.parquet:train/") and p["difficulty"] >= 1 for p in prompts)
+
+
+def test_a_hub_dataset_id_without_network_fails_fast_naming_the_offline_path(tmp_path):
+    for env in (UNREACHABLE, {"HF_HUB_OFFLINE": "1"}):
+        t0 = time.time()
+        res = alignlab("data=gsm8k_hub", *ROUND, f"hydra.run.dir={tmp_path / 'run'}", env=env, check=False)
+        wall, out = time.time() - t0, res.stdout + res.stderr
+        assert res.returncode == 2, out[-2000:]
+        assert wall < 10, f"took {wall:.1f} s"
+        assert "openai/gsm8k" in out and "local .jsonl/.parquet file or directory" in out and "data=gsm8k" in out
+        assert not (tmp_path / "run" / "base_eval.json").exists()
+
+
+# -- pair files ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def one_round(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("pairs") / "run"
+    alignlab(*ROUND, "pairs_format=conversational", f"hydra.run.dir={run}")
+    return run
+
+
+def test_round_files_load_with_datasets_one_row_per_record(one_round):
+    import datasets
+
+    s = json.loads((one_round / "summary.json").read_text())
+    rd = one_round / "round_1"
+    pairs = datasets.load_dataset("json", data_files=str(rd / "pairs.jsonl"), split="train")
+    assert s["rounds"][0]["pairs"] > 0 and pairs.num_rows == s["rounds"][0]["pairs"]
+    assert pairs.column_names == ["problem_id", "prompt", "chosen", "rejected", "meta"]
+    assert all(isinstance(x, str) and x for x in pairs["chosen"])
+    sel = datasets.load_dataset("json", data_files=str(rd / "selected.jsonl"), split="train")
+    assert sel.num_rows == s["rounds"][0]["selected"] and sel.column_names == ["pair", "score"]
+    roll = datasets.load_dataset("json", data_files=str(rd / "rollouts.jsonl"), split="train")
+    assert roll.num_rows == s["rounds"][0]["ledger"]["samples"] and "__complete__" not in roll.column_names
+
+
+def _dpo_step(data_file: Path, tmp_path: Path) -> dict:
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    ds = datasets.load_dataset("json", data_files=str(data_file), split="train")
+    tok = AutoTokenizer.from_pretrained(TINY)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=2, max_steps=1, report_to=[],
+                     use_cpu=True, logging_steps=1, save_strategy="no", max_length=256, disable_tqdm=True)
+    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(TINY), args=args, train_dataset=ds,
+                         processing_class=tok)
+    trainer.train()
+    return trainer.state.log_history[0]
+
+
+def test_trl_dpo_trainer_trains_on_pairs_jsonl_unchanged(one_round, tmp_path):
+    logs = _dpo_step(one_round / "round_1" / "pairs.jsonl", tmp_path)
+    assert logs["loss"] == pytest.approx(0.6931, abs=1e-3)  # first step: policy == reference, loss = log 2
+    assert {"rewards/margins", "rewards/accuracies"} <= set(logs)  # the names alignlab logs too
+
+
+def test_conversational_pairs_file_is_in_trl_messages_format_and_trains(one_round, tmp_path):
+    rd = one_round / "round_1"
+    rows = [json.loads(line) for line in (rd / "pairs.conversational.jsonl").read_text().splitlines()]
+    flat = [json.loads(line) for line in (rd / "pairs.jsonl").read_text().splitlines()]
+    assert len(rows) == len(flat) > 0
+    for r, f in zip(rows, flat):
+        assert r["prompt"][-1]["role"] == "user" and r["prompt"][-1]["content"] in f["prompt"]
+        assert r["chosen"] == [{"role": "assistant", "content": f["chosen"]}]
+        assert r["rejected"] == [{"role": "assistant", "content": f["rejected"]}]
+    logs = _dpo_step(rd / "pairs.conversational.jsonl", tmp_path)
+    assert logs["loss"] == pytest.approx(0.6931, abs=1e-3)
+
+
+def test_no_hub_offline_default_is_forced_on_users(monkeypatch):
+    import importlib
+
+    import alignlab.cli
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    importlib.reload(alignlab.cli)
+    assert "HF_HUB_OFFLINE" not in os.environ
+
+
+# -- hub models ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("env", [UNREACHABLE, {"HF_HUB_OFFLINE": "1"}], ids=["unreachable", "offline"])
+def test_a_hub_model_id_without_network_fails_fast_saying_how_to_download_it(tmp_path, env):
+    t0 = time.time()
+    res = alignlab("model.path=Qwen/Qwen2.5-0.5B-Instruct", *ROUND, f"hydra.run.dir={tmp_path / 'run'}", env=env,
+                   check=False)
+    wall, out = time.time() - t0, res.stdout + res.stderr
+    assert res.returncode == 2 and wall < 10, (wall, out[-2000:])
+    assert "huggingface-cli download Qwen/Qwen2.5-0.5B-Instruct --local-dir" in out
+
+
+def test_a_missing_local_model_dir_fails_fast_saying_how_to_download_it(tmp_path):
+    t0 = time.time()
+    res = alignlab(f"model.path={tmp_path / 'nowhere'}", *ROUND, f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode == 2 and time.time() - t0 < 10, out[-2000:]
+    assert f"huggingface-cli download <org/name> --local-dir {tmp_path / 'nowhere'}" in out
