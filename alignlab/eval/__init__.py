@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -26,15 +28,41 @@ def accuracy_se(correct: list[bool]) -> tuple[float, float]:
     return p, math.sqrt(p * (1 - p) / n)
 
 
-def greedy_correct(model_dir, generator, spec, tokenizer, problems: list[Problem], verifier) -> tuple[list[bool], list]:
+log = logging.getLogger("alignlab")
+FINISHED_WARN = 0.99  # below this share of answers ending with a stop token, the accuracy is a truncation artefact
+
+
+def prompts_sha1(prompts: list[str]) -> str:
+    """Identity of the exact prompt texts an eval sent (``alignlab eval`` and the in-run eval must agree)."""
+    h = hashlib.sha1()
+    for p in prompts:
+        h.update(p.encode() + b"\x00")
+    return h.hexdigest()
+
+
+def greedy_eval(model_dir, generator, spec, tokenizer, problems: list[Problem], verifier, name: str = "eval"
+                ) -> tuple[list[bool], list, dict[str, Any]]:
+    """Greedy answers, their verdicts, and how they ended: ``finished_rate`` (share that stopped at an end-of-turn
+    token), the ``max_new_tokens`` used and the prompts' sha1. A model that loops until the limit is reported (a
+    warning below 0.99), not silently scored as wrong."""
+    from alignlab.generation import finished_stats
+
     prompts = [spec.render(tokenizer, p.prompt) for p in problems]
     outs = generator.generate(model_dir, prompts, 1, seed=0, greedy=True)
     texts = [o[0].text for o in outs]
-    return verifier.verify_batch(texts, [p.answer for p in problems]), outs
+    info: dict[str, Any] = {**finished_stats([o[0] for o in outs], getattr(generator, "max_new_tokens", 0)),
+                            "prompts_sha1": prompts_sha1(prompts)}
+    if info["finished_rate"] < FINISHED_WARN:
+        log.warning("%s: only %.1f%% of %d greedy answers ended with a stop token; the rest hit max_new_tokens=%d "
+                    "(raise generation.max_new_tokens, or the model loops): accuracy counts them as wrong",
+                    name, 100 * info["finished_rate"], len(outs), info["max_new_tokens"])
+    return verifier.verify_batch(texts, [p.answer for p in problems]), outs, info
 
 
 class HeldoutEval:
     """``eval=arith_heldout``: greedy decoding on the data group's held-out problems."""
+
+    uses_data_heldout = True  # the run's input checks make sure the data group names a held-out set
 
     def __init__(self, verifier: Any = None, limit: int | None = None) -> None:
         if limit is not None and limit < 1:
@@ -51,11 +79,11 @@ class HeldoutEval:
 
             problems = ArithDataset().heldout()
         problems = problems[: self.limit] if self.limit else problems
-        correct, outs = greedy_correct(model_dir, generator, spec, tokenizer, problems, self.verifier)
+        correct, outs, info = greedy_eval(model_dir, generator, spec, tokenizer, problems, self.verifier, "heldout")
         acc, se = accuracy_se(correct)
         by: dict[str, list[bool]] = defaultdict(list)
         for p, c in zip(problems, correct):
             by[str(p.difficulty)].append(c)
         return {"accuracy": acc, "se": se, "n": len(problems),
                 "by_difficulty": {k: accuracy_se(v)[0] for k, v in sorted(by.items())},
-                "generated_tokens": sum(o[0].tokens for o in outs)}
+                "generated_tokens": sum(o[0].tokens for o in outs), **info}

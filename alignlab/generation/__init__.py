@@ -39,6 +39,48 @@ def sample_seed(seed: int, prompt: str, j: int) -> int:
     return int.from_bytes(h, "little") & ((1 << 62) - 1)
 
 
+_TURN_MARKER = "ALIGNLAB_END_OF_TURN_PROBE"
+
+
+def end_of_turn_ids(tokenizer) -> set[int]:
+    """The special token the chat template writes right after an assistant message (``<|im_end|>`` for ChatML).
+
+    A model trained on its template ends a turn with it, whatever the tokenizer's ``eos_token`` says (SmolLM2's
+    upstream tokenizer, for one, names ``<|endoftext|>``), so generation must stop there too.
+    """
+    msgs = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": _TURN_MARKER}]
+    try:
+        text = tokenizer.apply_chat_template(msgs, tokenize=False)
+    except Exception:  # noqa: BLE001 - no chat template, or one that refuses this conversation
+        return set()
+    i = text.find(_TURN_MARKER)
+    if i < 0:
+        return set()
+    after = tokenizer(text[i + len(_TURN_MARKER):], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | {k for k, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return {after[0]} if after and after[0] in special else set()
+
+
+def stop_token_ids(tokenizer, generation_eos: list[int] | int | None = None,
+                   stop_tokens: list[str] | None = None) -> set[int]:
+    """Every token that ends an answer: the tokenizer's eos, the checkpoint's ``generation_config`` eos, the chat
+    template's end of turn, and the model config's ``stop_tokens`` (each must be one token of the vocabulary)."""
+    eos = generation_eos if isinstance(generation_eos, (list, tuple)) else [generation_eos]
+    stop = {tokenizer.eos_token_id, *eos} | end_of_turn_ids(tokenizer)
+    vocab = tokenizer.get_vocab()
+    for t in stop_tokens or []:
+        if t not in vocab:
+            raise ValueError(f"stop_tokens: {t!r} is not a single token of this tokenizer's vocabulary")
+        stop.add(vocab[t])
+    return {int(x) for x in stop if x is not None}
+
+
+def finished_stats(samples: list[Sample], max_new_tokens: int) -> dict[str, float | int]:
+    """``finished_rate`` (share of answers that ended with a stop token, not cut at the limit) and the limit."""
+    return {"finished_rate": sum(s.finished for s in samples) / len(samples) if samples else 1.0,
+            "max_new_tokens": int(max_new_tokens)}
+
+
 def __getattr__(name: str):  # lazy: importing the protocol must not import torch/transformers
     if name == "HFGenerator":
         from alignlab.generation.hf import HFGenerator

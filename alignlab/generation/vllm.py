@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from alignlab.generation import Sample, sample_seed
+from alignlab.generation import Sample, sample_seed, stop_token_ids
 
 log = logging.getLogger("alignlab")
 INSTALL = "pip install -e '.[vllm]'"
@@ -35,7 +35,7 @@ class VLLMGenerator:
     def __init__(self, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 2048,
                  tensor_parallel_size: int = 1, data_parallel_size: int = 1, gpu_memory_utilization: float = 0.85,
                  max_model_len: int | None = None, dtype: str = "auto", enable_prefix_caching: bool = True,
-                 enforce_eager: bool = False, entropy_topk: int = 20) -> None:
+                 enforce_eager: bool = False, entropy_topk: int = 20, stop_tokens: list[str] | None = None) -> None:
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if not 0 < top_p <= 1:
@@ -58,6 +58,7 @@ class VLLMGenerator:
             raise ValueError(f"generation=vllm needs vLLM, which is not installed: {INSTALL} "
                              "(Linux with CUDA GPUs), or use generation=hf")
         self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
+        self.stop_tokens = list(stop_tokens or [])
         self.tensor_parallel_size, self.data_parallel_size = tensor_parallel_size, data_parallel_size
         self.gpu_memory_utilization, self.max_model_len, self.dtype = gpu_memory_utilization, max_model_len, dtype
         self.enable_prefix_caching, self.enforce_eager, self.entropy_topk = enable_prefix_caching, enforce_eager, \
@@ -91,7 +92,7 @@ class VLLMGenerator:
 
         key = str(resolve_path(str(model_dir)))
         tok = load_tokenizer(key)
-        stop = sorted({tok.eos_token_id} | set(_generation_eos(key)))
+        stop = sorted(stop_token_ids(tok, list(_generation_eos(key)), self.stop_tokens))
         ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
         params = self.sampling_kwargs(prompts, n, seed, greedy, stop)
         if self.data_parallel_size == 1:

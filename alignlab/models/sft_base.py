@@ -14,11 +14,12 @@ import random
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from alignlab.data import arith
-from alignlab.models import ModelSpec
+from alignlab.models import ModelSpec, load_model, load_tokenizer, resolve_path
 from alignlab.models.tiny import build_model, build_tokenizer
 from alignlab.train.batching import collate, encode, response_logps
 
@@ -47,22 +48,39 @@ def sft_examples(n: int, seed: int, spec: ModelSpec, tok, skip_rate: dict[int, f
 def train_sft_base(out_dir: str, steps: int = 1200, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
                    hidden: int = 192, layers: int = 4, heads: int = 6, intermediate: int = 512,
                    skip_rate: dict | None = None, slip_rate: float = 0.6, refine_share: float = 0.15,
-                   examples: int = 60_000, log_every: int = 50, threads: int = 0) -> Path:
+                   examples: int = 60_000, log_every: int = 50, threads: int = 0, init_from: Any = None,
+                   max_len: int = 256, device: str = "cpu") -> Path:
+    """Warm-start a model on the embedded task. ``init_from`` (a ``model`` config node, e.g. SmolLM2's) starts
+    from that pretrained checkpoint with its tokenizer and prompt conventions instead of building the tiny model
+    from scratch; the result then carries that model config's name in ``alignlab_model.json``."""
     torch.manual_seed(seed)
     if threads:
         torch.set_num_threads(threads)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     skip_rate = {int(k): float(v) for k, v in (skip_rate or {}).items()}
-    spec = ModelSpec(path=out_dir)
-    corpus_problems = arith.generate(3000, "train", seed=seed)
-    corpus = []
-    for p in corpus_problems:
-        corpus.append(p.text + "\n" + arith.solution(p))
-    tok = build_tokenizer(corpus + ["<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n<|im_start|>system\n"
-                                    "Previous attempt: The correct final answer is . Write a corrected solution."])
+    out_dir = str(resolve_path(str(out_dir)))
+    if init_from is not None:  # a pretrained model: its own tokenizer, chat template and prompts
+        if not isinstance(init_from, dict):
+            from omegaconf import OmegaConf
+
+            init_from = OmegaConf.to_container(init_from, resolve=True)
+        fields = {k: v for k, v in init_from.items() if k != "_target_"}
+        spec = ModelSpec(**fields)
+        spec.check_exists()
+        tok, model = load_tokenizer(spec.directory), load_model(spec.directory, dtype=torch.float32)
+        model_config = json.loads((spec.directory / "alignlab_model.json").read_text()).get("config", "hf_dir") \
+            if (spec.directory / "alignlab_model.json").exists() else "hf_dir"
+    else:
+        spec, model_config = ModelSpec(path=out_dir), "tiny_arith"
+        corpus = [p.text + "\n" + arith.solution(p) for p in arith.generate(3000, "train", seed=seed)]
+        tok = build_tokenizer(corpus + ["<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n<|im_start|>system\n"
+                                        "Previous attempt: The correct final answer is . Write a corrected solution."])
     data = sft_examples(examples, seed, spec, tok, skip_rate, slip_rate, refine_share)
-    enc = [encode(tok, p, r, max_len=256) for p, r in data]
-    model = build_model(len(tok), hidden=hidden, layers=layers, heads=heads, intermediate=intermediate, seed=seed,
-                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    enc = [encode(tok, p, r, max_len=max_len) for p, r in data]
+    if init_from is None:
+        model = build_model(len(tok), hidden=hidden, layers=layers, heads=heads, intermediate=intermediate, seed=seed,
+                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -76,7 +94,7 @@ def train_sft_base(out_dir: str, steps: int = 1200, batch_size: int = 64, lr: fl
             order = list(range(len(enc)))
             rng.shuffle(order)
         idx, order = order[:batch_size], order[batch_size:]
-        ids, attn, tmask = collate([enc[i] for i in idx], tok.pad_token_id)
+        ids, attn, tmask = (x.to(device) for x in collate([enc[i] for i in idx], tok.pad_token_id))
         lp, n = response_logps(model, ids, attn, tmask)
         loss = -(lp.sum() / n.sum())
         opt.zero_grad(set_to_none=True)
@@ -90,13 +108,14 @@ def train_sft_base(out_dir: str, steps: int = 1200, batch_size: int = 64, lr: fl
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")  # written whole, then renamed over ``out``
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.cpu().save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
-    (tmp / "alignlab_model.json").write_text(json.dumps({"config": "tiny_arith"}))
+    (tmp / "alignlab_model.json").write_text(json.dumps({"config": model_config}))
     (tmp / "sft_base.json").write_text(json.dumps({
         "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "skip_rate": skip_rate,
         "slip_rate": slip_rate, "refine_share": refine_share, "examples": examples,
-        "params": sum(p.numel() for p in model.parameters()), "train_seconds": round(time.time() - t0, 1)},
+        "params": sum(p.numel() for p in model.parameters()), "train_seconds": round(time.time() - t0, 1),
+        "init_from": str(spec.directory) if init_from is not None else None, "max_len": max_len},
         indent=2))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

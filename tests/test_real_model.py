@@ -1,0 +1,183 @@
+"""A real pretrained model (SmolLM2-135M-Instruct) through alignlab, and what it needs from the code.
+
+Unit tests (no download): generation stops at the chat template's end-of-turn token whatever ``eos_token`` says;
+evals record finished_rate / max_new_tokens and warn when answers hit the limit; ``alignlab eval`` on a round's
+checkpoint renders the very prompts the in-run eval rendered; every checkpoint carries alignlab_model.json.
+The smoke test downloads and converts SmolLM2 (skipped, naming the reason, when the registry is unreachable), then
+runs one tiny round and one eval on it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+
+from alignlab.generation import Sample, finished_stats, stop_token_ids
+from alignlab.models import ModelSpec, load_tokenizer
+from tests.conftest import TINY_RUN, alignlab
+
+
+def _eos_is_endoftext(src: Path, dst: Path) -> Path:
+    """A copy of a ChatML model dir whose tokenizer and generation_config name ``<|endoftext|>`` as eos (as
+    SmolLM2's upstream tokenizer does), so only the chat template still says a turn ends with ``<|im_end|>``."""
+    shutil.copytree(src, dst)
+    tok = load_tokenizer(dst)
+    tok.eos_token = "<|endoftext|>"
+    tok.save_pretrained(dst)
+    gc = json.loads((dst / "generation_config.json").read_text())
+    gc["eos_token_id"] = tok.convert_tokens_to_ids("<|endoftext|>")
+    (dst / "generation_config.json").write_text(json.dumps(gc))
+    return dst
+
+
+def test_stop_ids_include_the_chat_templates_end_of_turn(tiny_dir, tmp_path):
+    d = _eos_is_endoftext(tiny_dir, tmp_path / "m")
+    tok = load_tokenizer(d)
+    im_end, eot = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    assert tok.eos_token == "<|endoftext|>" and im_end != eot
+    assert stop_token_ids(tok) == {im_end, eot}
+    assert stop_token_ids(tok, stop_tokens=["<|im_start|>"]) >= {tok.convert_tokens_to_ids("<|im_start|>")}
+    with pytest.raises(ValueError, match="stop_tokens"):
+        stop_token_ids(tok, stop_tokens=["not one token"])
+
+
+def test_generation_stops_at_im_end_when_eos_is_endoftext(tiny_dir, tmp_path):
+    from alignlab.data.arith import ArithDataset
+    from alignlab.generation.hf import HFGenerator
+
+    d = _eos_is_endoftext(tiny_dir, tmp_path / "m")
+    tok, spec = load_tokenizer(d), ModelSpec(path=str(d))
+    prompts = [spec.render(tok, p.prompt) for p in ArithDataset(eval_problems=6).heldout()]
+    outs = [o[0] for o in HFGenerator(max_new_tokens=96).generate(d, prompts, 1, seed=0, greedy=True)]
+    assert all(s.finished for s in outs)  # the tiny model ends every answer with <|im_end|>
+    assert all("<|im_end|>" not in s.text and "\\boxed{" in s.text for s in outs)
+    assert all(s.tokens < 96 for s in outs)
+
+
+def test_finished_stats():
+    s = lambda f: Sample(text="", tokens=3, logprob_sum=0.0, entropy=0.0, finished=f)  # noqa: E731
+    assert finished_stats([s(True), s(True), s(False), s(True)], 512) == {"finished_rate": 0.75, "max_new_tokens": 512}
+    assert finished_stats([], 7)["finished_rate"] == 1.0
+
+
+def test_eval_reports_answers_cut_at_the_limit(tiny_dir, caplog):
+    from alignlab.eval import HeldoutEval
+    from alignlab.generation.hf import HFGenerator
+
+    tok, spec, ev = load_tokenizer(tiny_dir), ModelSpec(path=str(tiny_dir)), HeldoutEval(limit=8)
+    with caplog.at_level(logging.WARNING, logger="alignlab"):
+        cut = ev.evaluate(tiny_dir, HFGenerator(max_new_tokens=6), spec, tok)
+    assert cut["finished_rate"] == 0.0 and cut["max_new_tokens"] == 6 and cut["accuracy"] == 0.0
+    assert "hit max_new_tokens=6" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="alignlab"):
+        full = ev.evaluate(tiny_dir, HFGenerator(max_new_tokens=96), spec, tok)
+    assert full["finished_rate"] == 1.0 and full["max_new_tokens"] == 96 and "max_new_tokens" not in caplog.text
+    assert full["prompts_sha1"] == cut["prompts_sha1"]  # same prompts, only the limit differs
+
+
+def test_max_new_tokens_and_prompt_length_come_from_the_model_config():
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    import alignlab.config  # noqa: F401 - registers run_schema
+    from tests.conftest import ROOT
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        smol = compose("eval", overrides=["model=smollm2_135m_instruct", "eval=math_suite"])
+        tiny = compose("config", overrides=["experiment=quickstart"])
+        over = compose("eval", overrides=["model=smollm2_135m_instruct", "generation.max_new_tokens=64"])
+    g = instantiate(smol.generation)
+    assert g.max_new_tokens >= 512 and g.max_new_tokens == smol.model.max_new_tokens
+    assert g.max_prompt_tokens == smol.model.max_prompt_tokens and "<|im_end|>" in g.stop_tokens
+    assert smol.model.path.startswith("cache://")  # found in the cache after `make smollm2`: no override needed
+    assert instantiate(tiny.generation).max_new_tokens == 96  # the embedded task keeps its short answers
+    assert instantiate(over.generation).max_new_tokens == 64
+
+
+def test_prompt_template_keeps_literal_braces(tiny_dir):
+    tok = load_tokenizer(tiny_dir)
+    spec = ModelSpec(path=str(tiny_dir), prompt_template="{problem}\nPut the answer in \\boxed{}.",
+                     refine_template="{problem} | {attempt} | {answer} \\boxed{}")
+    assert "What is {answer}?\nPut the answer in \\boxed{}." in spec.render(tok, "What is {answer}?")
+    assert "p | a | 7 \\boxed{}" in spec.render_refine(tok, "p", "a", "7")
+
+
+def test_eval_of_a_round_checkpoint_renders_the_in_run_prompts(tiny_dir, tmp_path):
+    """`alignlab eval model=<round checkpoint>` picks the run's model config from alignlab_model.json, so its
+    prompts (hashed in eval.json) are byte-identical to the in-run eval's."""
+    out = tmp_path / "run"
+    alignlab("experiment=quickstart", "rounds=1", *TINY_RUN, f"hydra.run.dir={out}")
+    ckpt = out / "round_1" / "checkpoint"
+    assert json.loads((ckpt / "alignlab_model.json").read_text())["config"] == "tiny_arith"
+    in_run = json.loads((out / "round_1" / "eval.json").read_text())
+    assert in_run["finished_rate"] > 0 and in_run["max_new_tokens"] == 48
+    alignlab("eval", f"model={ckpt}", "eval.limit=12", "generation.max_new_tokens=48", f"hydra.run.dir={tmp_path / 'ev'}")
+    standalone = json.loads((tmp_path / "ev" / "eval.json").read_text())["heldout"]
+    assert standalone["prompts_sha1"] == in_run["prompts_sha1"]
+    assert standalone["accuracy"] == in_run["accuracy"] and standalone["finished_rate"] == in_run["finished_rate"]
+    base = json.loads((out / "base_eval.json").read_text())
+    assert base["prompts_sha1"] == in_run["prompts_sha1"]
+
+
+def test_deepspeed_save_hf_carries_alignlab_model_json(tiny_dir, tmp_path):
+    from alignlab.models import load_model
+    from alignlab.train.ds_worker import save_hf
+
+    save_hf(load_model(tiny_dir), load_tokenizer(tiny_dir), tmp_path / "ckpt", source_dir=tiny_dir)
+    assert json.loads((tmp_path / "ckpt" / "alignlab_model.json").read_text()) == {"config": "tiny_arith"}
+    assert (tmp_path / "ckpt" / "model.safetensors").exists()
+
+
+# ---- the real model ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    from alignlab.models.smollm2 import ModelUnavailable, ensure_smollm2
+
+    try:
+        return ensure_smollm2()
+    except ModelUnavailable as e:
+        pytest.skip(f"SmolLM2 unavailable: {e}")
+
+
+def test_missing_model_names_the_command(tmp_path):
+    res = alignlab("experiment=smollm2_arith", *TINY_RUN, f"hydra.run.dir={tmp_path / 'r'}", check=False,
+                   env={"ALIGNLAB_CACHE": str(tmp_path / "empty_cache")})
+    assert res.returncode == 2 and "make smollm2" in res.stderr + res.stdout
+
+
+@pytest.mark.slow
+def test_smollm2_conversion_round_and_eval(smollm2_dir, tmp_path):
+    from alignlab.models.smollm2 import GGUF_SHA256, MARKER, is_converted
+
+    assert is_converted(smollm2_dir)
+    meta = json.loads((smollm2_dir / MARKER).read_text())
+    assert meta["config"] == "smollm2_135m_instruct" and meta["gguf_sha256"] == GGUF_SHA256
+    tok = load_tokenizer(smollm2_dir)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "1+1?"}], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n") and len(tok) == 49152
+    assert tok.convert_tokens_to_ids("<|im_end|>") in stop_token_ids(tok)
+
+    out = tmp_path / "run"  # one tiny round; label noise makes pairs from wrong answers (reduced README round)
+    alignlab("experiment=smollm2_arith", "data.train_prompts=3", "data.eval_problems=2", "sampler.n=4",
+             "generation.max_new_tokens=24", "verifier=noisy", "verifier.epsilon=0.5", "logger=none",
+             f"hydra.run.dir={out}", timeout=900)
+    summary = json.loads((out / "summary.json").read_text())
+    rnd = summary["rounds"][0]
+    assert rnd["pairs"] >= 1 and rnd["ledger"]["trained_tokens"] > 0
+    assert rnd["eval"]["max_new_tokens"] == 24 and 0.0 <= rnd["eval"]["finished_rate"] <= 1.0
+    ckpt = out / "round_1" / "checkpoint"
+    assert json.loads((ckpt / MARKER).read_text())["config"] == "smollm2_135m_instruct"
+    pairs = [json.loads(x) for x in (out / "round_1" / "pairs.jsonl").read_text().splitlines()]
+    assert pairs[0]["prompt"].startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+
+    # eval of the round's checkpoint with no generation overrides: the model config's limit, not the embedded 96
+    alignlab("eval", f"model={ckpt}", "eval=math_suite", "eval.benchmarks=[gsm8k]", "eval.limit=1",
+             f"hydra.run.dir={tmp_path / 'ev'}", timeout=900)
+    gsm = json.loads((tmp_path / "ev" / "eval.json").read_text())["gsm8k"]
+    assert gsm["max_new_tokens"] == 512 and gsm["n"] == 1 and gsm["finished_rate"] in (0.0, 1.0)
