@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from alignlab import config as C
 from alignlab.ledger import LEDGER_KEYS
-from alignlab.models import ModelSpec, count_params, load_tokenizer, require_safetensors
+from alignlab.models import ModelSpec, count_params, load_tokenizer
 from alignlab.pairs import group_by_problem
 from alignlab.records import (
     RESUMED_IN,
@@ -48,13 +48,11 @@ def build_components(cfg: DictConfig, choices: dict[str, str]) -> dict[str, Any]
         C.validate_node(g, cfg[g], choices)
     comps = {g: C.build(g, cfg[g], choices) for g in C.GROUPS}
     spec: ModelSpec = comps["model"]
-    if not (spec.directory / "config.json").exists():
-        raise C.ConfigError(f"model.path: no Hugging Face model directory at {spec.directory} "
-                            f"(config.json missing){C._where('model', choices)}")
     try:
-        require_safetensors(spec.directory)
+        spec.check_exists()  # config.json and safetensors weights (a cache:// model says how to fetch it)
     except FileNotFoundError as e:
-        raise C.ConfigError(f"model.path: {e}{C._where('model', choices)}") from None
+        msg = str(e) if str(e).startswith("model.path") else f"model.path: {e}"
+        raise C.ConfigError(f"{msg}{C._where('model', choices)}") from None
     return comps
 
 

@@ -256,7 +256,7 @@ def run_train(work: Path, job: dict[str, Any]) -> None:
     else:
         sd = None
     if rank == 0:
-        save_hf(engine.module, tok, out, state_dict=sd)
+        save_hf(engine.module, tok, out, state_dict=sd, source_dir=job["policy_dir"])
         summary = {k: sum(h[k] for h in history) / len(history) for k in history[0]} if history else {}
         summary.update(train_seconds=time.time() - t0, ranks=world, zero_stage=engine.zero_optimization_stage())
         if resumed_from is not None:
