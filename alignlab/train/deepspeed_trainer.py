@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from alignlab.logging import progress
 from alignlab.records import Pair, atomic_write_text
 from alignlab.train import NonFiniteLossError, TrainResult
 
@@ -200,9 +201,14 @@ class DeepSpeedTrainer:
                 if logger is not None and (h["step"] % self.log_every == 0 or h["step"] == total - 1):
                     logger.log({f"train/{k}": v for k, v in h.items()})
             seen = max(seen, len(hist))
+            bar.update(seen - bar.n)  # rank 0's steps, on the controller's console (the ranks log to a file)
 
-        self._launch(work, on_progress)
-        on_progress()
+        bar = progress(desc=f"train ({self.world_size()} ranks)", unit="step")
+        try:
+            self._launch(work, on_progress)
+            on_progress()
+        finally:
+            bar.close()
         res = json.loads((work / "result.json").read_text())
         self._cleanup(work)
         return TrainResult(steps=res["steps"], trained_tokens=res["trained_tokens"], history=res["history"],

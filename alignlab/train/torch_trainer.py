@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from alignlab.logging import progress
 from alignlab.losses import PairLogps
 from alignlab.models import load_model, load_tokenizer
 from alignlab.records import Pair
@@ -55,7 +56,7 @@ def reference_logps(model_dir: str | Path, pairs: list[Pair], max_len: int = 102
     enc = encode_pairs(tok, pairs, max_len)
     order = sorted(range(len(enc)), key=lambda i: len(enc[i][0].ids) + len(enc[i][1].ids))
     out = {k: [0.0] * len(enc) for k in ("chosen", "rejected", "chosen_tokens", "rejected_tokens")}
-    for b in range(0, len(order), batch_size):
+    for b in progress(range(0, len(order), batch_size), desc="reference log-probs", unit="batch"):
         idx = order[b: b + batch_size]
         c, r, nc, nr = pair_forward(model, [enc[i] for i in idx], tok.pad_token_id)
         for k, i in enumerate(idx):
@@ -102,7 +103,7 @@ class TorchTrainer:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, warm, total_steps))
         history: list[dict[str, float]] = []
         trained_tokens, t0 = 0, time.time()
-        for step in range(total_steps):
+        for step in progress(range(total_steps), desc="train", unit="step"):
             group = micro[step * self.grad_accum: (step + 1) * self.grad_accum]
             group = [hook.filter(idx) for idx in group] if hook else group
             n_pairs = sum(len(b) for b in group)

@@ -23,6 +23,9 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alignlab.logging import progress
+
+PROGRESS_MIN_ITEMS = 64  # a bar for a stage's batch, not for the many small calls of tests and benchmarks
 _WORKER = str(Path(__file__).with_name("_worker.py"))
 _START_TIMEOUT_S = 300.0  # import + parser warm-up; generous because a loaded 2-core box can be very slow
 
@@ -274,6 +277,7 @@ class WorkerPool:
         retried = [False] * len(items)
         done = 0
         sel = selectors.DefaultSelector()
+        bar = progress(total=len(items), desc="verify", unit="answer") if len(items) >= PROGRESS_MIN_ITEMS else None
         try:
             for w in self._workers:
                 sel.register(w.fd, selectors.EVENT_READ, w)
@@ -336,8 +340,12 @@ class WorkerPool:
                         self._record(now - w.sent_at)
                         w.item = None
                         self._replace(sel, w)
+                if bar is not None and done > bar.n:
+                    bar.update(done - bar.n)
         finally:
             sel.close()
+            if bar is not None:
+                bar.close()
         return [bool(r) for r in results]
 
     def _next_item(self, w: _Worker, pending: OrderedDict[str, deque[int]]) -> int:
