@@ -24,6 +24,12 @@ CONF_DIR = str(_CHECKOUT_CONF) if (_CHECKOUT_CONF / "config.yaml").is_file() els
 log = logging.getLogger("alignlab")
 
 
+def quiet_third_party() -> None:
+    from alignlab.logging import quiet_third_party as quiet
+
+    quiet()
+
+
 def _hydra_app(config_name: str, fn):
     import hydra
 
@@ -40,6 +46,7 @@ def _run(cfg) -> None:
 
     hc = HydraConfig.get()
     choices = C.choices_of(hc)
+    quiet_third_party()
     if cfg.get("stage") == "sft_base":
         from alignlab.models.sft_base import train_sft_base
 
@@ -64,6 +71,7 @@ def _eval(cfg) -> None:
     from alignlab.records import atomic_write_text
 
     choices = C.choices_of(HydraConfig.get())
+    quiet_third_party()
     try:
         for g in ("model", "generation", "eval"):
             C.validate_node(g, cfg[g], choices)

@@ -1,9 +1,13 @@
-"""Loggers (the ``logger`` config group): console always, W&B offline by default."""
+"""Loggers (the ``logger`` config group): console always, W&B offline by default; progress bars and quiet
+third-party libraries for the console."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,14 @@ class ConsoleLogger:
         pass
 
 
+ROUND_METRICS = ("eval/*", "diag/*", "ledger/*", "train_round/*", "pairs", "selected")
+
+
+def run_id(run_dir: str | Path) -> str:
+    """The W&B run id of a run directory: a resumed run (same directory) continues the same W&B run."""
+    return "alignlab-" + hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
+
+
 class WandbLogger(ConsoleLogger):
     """Real W&B; never goes online unless ``mode=online`` is asked for explicitly."""
 
@@ -45,11 +57,22 @@ class WandbLogger(ConsoleLogger):
             os.environ["WANDB_MODE"] = self.mode  # an inherited WANDB_MODE=online must not win
         self._run = wandb.init(project=self.project, mode=self.mode, group=self.group, tags=self.tags,
                                entity=self.entity, dir=str(run_dir), config=config, name=name, reinit="finish_previous",
+                               id=run_id(run_dir), resume="allow",
                                settings=wandb.Settings(console="off", x_disable_stats=True))
+        # per-round metrics plot against the round; training metrics (TRL's names) against a global step
+        self._run.define_metric("round")
+        for key in ROUND_METRICS:
+            self._run.define_metric(key, step_metric="round")
+        self._run.define_metric("train/global_step")
+        self._run.define_metric("train/*", step_metric="train/global_step")
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
-        if self._run is not None:
-            self._run.log(metrics)
+        if self._run is None:
+            return
+        if any(k.startswith("train/") for k in metrics):
+            self._step += 1
+            metrics = {**metrics, "train/global_step": self._step}
+        self._run.log(metrics)
 
     def summary(self, values: dict[str, Any]) -> None:
         if self._run is not None:
@@ -60,3 +83,40 @@ class WandbLogger(ConsoleLogger):
         if self._run is not None:
             self._run.finish()
             self._run = None
+
+
+def is_main_process() -> bool:
+    """Rank 0 (or no launcher): the one process that draws progress bars on the console."""
+    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) in ("", "0")
+
+
+def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", unit: str = "it"):
+    """A tqdm bar for loops that last more than a few seconds; rank 0 only. On a terminal it redraws every 0.5 s;
+    into a log file every 10 s at most (so a log has no silent gap longer than that, and no flood either)."""
+    from tqdm.auto import tqdm
+
+    tty = sys.stderr.isatty()
+    return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True,
+                disable=not is_main_process() or os.environ.get("ALIGNLAB_PROGRESS", "1") == "0",
+                mininterval=0.5 if tty else 10.0)
+
+
+QUIET_BARS = ("Loading weights", "Writing model shards")  # transformers' per-load bars: noise, twice a stage
+QUIET_MESSAGES = ("Setting accelerator to CPU",)  # DeepSpeed's warning on every CPU-only import
+
+
+def quiet_third_party() -> None:
+    """Silence third-party console noise that says nothing about the run (bars of every weight load, DeepSpeed's
+    accelerator warning); their real warnings and errors still show."""
+    logging.getLogger("DeepSpeed").addFilter(lambda r: not any(m in r.getMessage() for m in QUIET_MESSAGES))
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    if hasattr(hf_logging, "set_tqdm_hook"):
+        def hook(factory, args, kwargs):
+            if kwargs.get("desc") in QUIET_BARS:
+                kwargs = {**kwargs, "disable": True}
+            return factory(*args, **kwargs)
+
+        hf_logging.set_tqdm_hook(hook)
