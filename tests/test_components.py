@@ -274,6 +274,7 @@ def test_heldout_eval_reports_accuracy_se_and_difficulty(tiny_dir):
     assert res["n"] == 24 and 0 <= res["accuracy"] <= 1
     assert res["se"] == pytest.approx(math.sqrt(res["accuracy"] * (1 - res["accuracy"]) / 24))
     assert set(res["by_difficulty"]) == {str(k) for k in arith.LEVELS}
+    assert len(res["correct"]) == 24 and res["correct"].count("1") == round(res["accuracy"] * 24)  # report --bootstrap
     assert accuracy_se([True, False, True, True]) == (0.75, pytest.approx(math.sqrt(0.75 * 0.25 / 4)))
 
 

@@ -478,3 +478,38 @@ def test_committed_study_report_is_reproduced(csv_path: Path, tmp_path: Path) ->
         return md.split("## Results")[1].split("\n## ")[0]
 
     assert results((out / "report.md").read_text()) == results((csv_path.parent / "report.md").read_text())
+
+
+def test_bootstrap_resamples_problems_where_evals_record_verdicts(tmp_path: Path) -> None:
+    """Each seed of `sage` solves the baseline's problems plus 20 more of 200: every seed differs by exactly +0.1,
+    so the t interval over seeds has zero width, while resampling problems shows the eval set's own noise,
+    about ±1.96·sqrt(0.1·0.9/600). `random` has one eval on other prompts: it can only resample seeds."""
+    import random
+
+    m, seeds = 200, (0, 1, 2)
+    rng = random.Random(0)
+    root = tmp_path / "runs"
+    for seed in seeds:
+        base = [rng.random() < 0.3 for _ in range(m)]
+        better = list(base)
+        for j in rng.sample([j for j in range(m) if not base[j]], 20):
+            better[j] = True
+        for name, correct in (("full", base), ("sage", better), ("random", better)):
+            s = _summary(4, 1.0, seed, rounds=1, experiment="cmp")
+            sha = "other" if name == "random" and seed == 1 else f"sha{seed}"
+            s["rounds"][0]["eval"] |= {"accuracy": sum(correct) / m, "n": m, "prompts_sha1": sha,
+                                       "correct": "".join("1" if c else "0" for c in correct)}
+            _write_run(root / f"{name}_{seed}", ["experiment=cmp", f"selector={name}", f"seed={seed}"], s, rounds=1)
+    out = tmp_path / "out"
+    assert report.main([str(root), "--out", str(out), "--baseline", "selector=full", "--bootstrap", "4000"]) == 0
+    with (out / "report.csv").open() as f:
+        rows = {r["run_dir"].split("/")[-1]: r for r in csv.DictReader(f)}
+    sage, rand = rows["sage_0"], rows["random_0"]
+    assert float(sage["diff_mean"]) == pytest.approx(0.1)
+    assert float(sage["ci95_low"]) == pytest.approx(0.1) and float(sage["ci95_high"]) == pytest.approx(0.1)
+    assert sage["bootstrap_over"] == "seeds x problems"
+    half = 1.96 * math.sqrt(0.1 * 0.9 / (m * len(seeds)))
+    assert float(sage["boot95_low"]) == pytest.approx(0.1 - half, abs=0.006)
+    assert float(sage["boot95_high"]) == pytest.approx(0.1 + half, abs=0.006)
+    assert rand["bootstrap_over"] == "seeds" and float(rand["boot95_low"]) == pytest.approx(0.1)
+    assert "| seeds x problems |" in (out / "report.md").read_text()

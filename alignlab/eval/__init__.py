@@ -15,7 +15,8 @@ from alignlab.records import Problem
 class Evaluator(Protocol):
     def evaluate(self, model_dir: str | Path, generator, spec, tokenizer, problems: list[Problem] | None = None
                  ) -> dict[str, Any]:
-        """Returns at least {"accuracy", "se", "n"}; ``by_difficulty`` where problems have levels."""
+        """Returns at least {"accuracy", "se", "n"}; ``by_difficulty`` where problems have levels; ``correct``
+        ("0"/"1" per problem, in order) where the report may resample problems (``alignlab report --bootstrap``)."""
         ...
 
 
@@ -86,4 +87,5 @@ class HeldoutEval:
             by[str(p.difficulty)].append(c)
         return {"accuracy": acc, "se": se, "n": len(problems),
                 "by_difficulty": {k: accuracy_se(v)[0] for k, v in sorted(by.items())},
-                "generated_tokens": sum(o[0].tokens for o in outs), **info}
+                "generated_tokens": sum(o[0].tokens for o in outs), **info,
+                "correct": "".join("1" if c else "0" for c in correct)}  # per problem, in order: paired bootstrap

@@ -2,9 +2,10 @@
 
 Seed s of two configurations shares the data order, the initial model and the held-out set, so the per-seed
 difference d_s = acc(config, s) − acc(baseline, s) removes what the seeds have in common. Over the n shared seeds
-the report gives mean(d), a t-based 95 % interval mean ± t(0.975, n−1)·sd(d)/√n, and optionally a percentile
-bootstrap over the shared seeds. summary.json holds per-round accuracies, not per-problem verdicts, so the
-bootstrap resamples seeds only (no seeds × problems resampling).
+the report gives mean(d), a t-based 95 % interval mean ± t(0.975, n−1)·sd(d)/√n, and optionally a paired
+percentile bootstrap. Where every paired eval records its per-problem verdicts (``eval.correct``, same problems in
+the same order: equal length and ``prompts_sha1``), the bootstrap resamples seeds and, within each drawn seed, the
+held-out problems, the same problems for both arms; otherwise it resamples seeds only. ``bootstrap_over`` says which.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from alignlab.report.aggregate import ConfigStats
 from alignlab.report.discovery import Key, Run, as_dict, num
 
 PAIRED_COLUMNS = ["baseline", "paired_seeds", "diff_mean", "ci95_low", "ci95_high"]
-BOOT_COLUMNS = ["boot95_low", "boot95_high"]
+BOOT_COLUMNS = ["boot95_low", "boot95_high", "bootstrap_over"]
+OVER_PROBLEMS, OVER_SEEDS = "seeds x problems", "seeds"
 FINAL = "final"
 
 
@@ -75,6 +77,7 @@ class PairedDiff:
     ci95_high: float = math.nan
     boot95_low: float = math.nan
     boot95_high: float = math.nan
+    bootstrap_over: str | None = None  # OVER_PROBLEMS or OVER_SEEDS once a bootstrap ran
 
     @property
     def n(self) -> int:
@@ -113,7 +116,7 @@ class Paired:
             out["baseline"].append(self.baseline_label if key is not None else None)
             values = {} if d is None else {"paired_seeds": d.n, "diff_mean": d.mean, "ci95_low": d.ci95_low,
                                            "ci95_high": d.ci95_high, "boot95_low": d.boot95_low,
-                                           "boot95_high": d.boot95_high}
+                                           "boot95_high": d.boot95_high, "bootstrap_over": d.bootstrap_over}
             for c in cols[1:]:
                 v = values.get(c)
                 out[c].append(None if v is None or (isinstance(v, float) and math.isnan(v)) else v)
@@ -145,18 +148,55 @@ def find_baseline(stats: Sequence[ConfigStats], want: dict[str, str]) -> ConfigS
                         + "; ".join(s.label for s in matches) + "); add KEY=VALUE words to pick one")
 
 
-def _accuracies(stats: Sequence[ConfigStats]) -> pd.DataFrame:
-    """Per configuration, seed and round (and ``final``): the accuracy, averaged over runs sharing a seed."""
+def _evals(stats: Sequence[ConfigStats]) -> pd.DataFrame:
+    """Per configuration, seed and round (and ``final``): each run's eval (several rows where runs share a seed)."""
     rows = []
     for i, s in enumerate(stats):
         for run in s.runs:
             if run.seed is None:
                 continue
             for rd in run.rounds:
-                rows.append((i, run.seed, int(num(rd.get("round"), 0)), num(as_dict(rd.get("eval")).get("accuracy"))))
-            rows.append((i, run.seed, FINAL, num(as_dict(run.final_round.get("eval")).get("accuracy"))))
-    frame = pd.DataFrame(rows, columns=["config", "seed", "at", "accuracy"])
-    return frame.groupby(["config", "seed", "at"], sort=False, as_index=False)["accuracy"].mean()
+                rows.append((i, run.seed, int(num(rd.get("round"), 0)), as_dict(rd.get("eval"))))
+            rows.append((i, run.seed, FINAL, as_dict(run.final_round.get("eval"))))
+    frame = pd.DataFrame(rows, columns=["config", "seed", "at", "eval"])
+    frame["accuracy"] = [num(e.get("accuracy")) for e in frame["eval"]]
+    return frame
+
+
+def _problem_diffs(evals: pd.DataFrame, config: int, baseline: int, at: int | str, seeds: list[int]
+                   ) -> np.ndarray | None:
+    """(seeds × problems) per-problem differences in correctness (−1, 0, 1), or None when some paired eval does
+    not record the same problems as its partner: one run per seed and arm, equal ``correct`` lengths across all
+    seeds, equal ``prompts_sha1`` within a seed where recorded."""
+    rows = []
+    for seed in seeds:
+        pair = []
+        for arm in (config, baseline):
+            ev = evals[(evals["config"] == arm) & (evals["seed"] == seed) & (evals["at"] == at)]["eval"].tolist()
+            correct = ev[0].get("correct") if len(ev) == 1 else None
+            if not isinstance(correct, str) or not correct or set(correct) - {"0", "1"}:
+                return None
+            pair.append((np.frombuffer(correct.encode(), dtype=np.uint8) - ord("0"), ev[0].get("prompts_sha1")))
+        (mine, sha_m), (base, sha_b) = pair
+        if len(mine) != len(base) or (sha_m and sha_b and sha_m != sha_b):
+            return None
+        rows.append(mine.astype(np.int8) - base.astype(np.int8))
+    return np.stack(rows) if rows and len({len(r) for r in rows}) == 1 else None
+
+
+def _bootstrap_problems(diffs: np.ndarray, resamples: int, seed: int, chunk: int = 256) -> tuple[float, float]:
+    """Percentile 95 % interval of the mean per-problem difference, resampling seeds and then, within each drawn
+    seed, problems (paired: one index draws the same problem for both arms)."""
+    rng = np.random.default_rng(seed)
+    n_seeds, n_problems = diffs.shape
+    means = []
+    for start in range(0, resamples, chunk):
+        c = min(chunk, resamples - start)
+        drawn_seeds = rng.integers(0, n_seeds, size=(c, n_seeds))
+        drawn_problems = rng.integers(0, n_problems, size=(c, n_seeds, n_problems))
+        means.append(diffs[drawn_seeds[:, :, None], drawn_problems].mean(axis=(1, 2)))
+    lo, hi = np.percentile(np.concatenate(means), [2.5, 97.5])
+    return float(lo), float(hi)
 
 
 def _bootstrap(d: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
@@ -170,7 +210,8 @@ def _bootstrap(d: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
 def paired_differences(stats: Sequence[ConfigStats], baseline: ConfigStats, label: str, bootstrap: int = 0,
                        seed: int = 0) -> Paired:
     """Paired differences of every other configuration to `baseline`, per round and final, over shared seeds."""
-    acc = _accuracies(stats)
+    evals = _evals(stats)
+    acc = evals.groupby(["config", "seed", "at"], sort=False, as_index=False)["accuracy"].mean()
     b = stats.index(baseline)
     base = acc[acc["config"] == b][["seed", "at", "accuracy"]]
     merged = acc[acc["config"] != b].merge(base, on=["seed", "at"], suffixes=("", "_base"))
@@ -192,7 +233,12 @@ def paired_differences(stats: Sequence[ConfigStats], baseline: ConfigStats, labe
             if n > 1:
                 half = t_quantile(0.975, n - 1) * pd_.sd / math.sqrt(n)
                 pd_.ci95_low, pd_.ci95_high = pd_.mean - half, pd_.mean + half
-                if bootstrap:
-                    pd_.boot95_low, pd_.boot95_high = _bootstrap(d, bootstrap, seed)
+            problems = _problem_diffs(evals, i, b, at, pd_.seeds) if bootstrap and n else None
+            if problems is not None:
+                pd_.boot95_low, pd_.boot95_high = _bootstrap_problems(problems, bootstrap, seed)
+                pd_.bootstrap_over = OVER_PROBLEMS
+            elif bootstrap and n > 1:
+                pd_.boot95_low, pd_.boot95_high = _bootstrap(d, bootstrap, seed)
+                pd_.bootstrap_over = OVER_SEEDS
             out.diffs[s.key][at] = pd_
     return out

@@ -65,15 +65,17 @@ def _paired_section(paired: Paired, labels: dict[Key, str], round_ids: list[int]
         "",
         "Difference in accuracy to the baseline configuration, paired by seed over the seeds both ran "
         "(mean over shared seeds; 95 % CI = mean ± t(0.975, n−1)·sd/√n"
-        + (f"; bootstrap: {paired.bootstrap} resamples of the shared seeds, percentile interval" if boot else "")
+        + (f"; bootstrap: {paired.bootstrap} resamples, percentile interval, over the shared seeds and, where the "
+           "evals record per-problem verdicts, the held-out problems within each seed (column `boot over`)"
+           if boot else "")
         + "). An interval that excludes 0 is a measured difference; one that includes 0 is not.",
         f"Baseline configuration: `{labels[paired.baseline]}`.",
         "",
     ]
     header = ["configuration", "paired seeds", *[f"Δ round {r} [95% CI]" for r in round_ids], "Δ final acc",
-              "ci95_low", "ci95_high", *(["boot95_low", "boot95_high"] if boot else []), "excludes 0"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---", "---"] + ["---:"] * (len(header) - 3) + ["---"])
-              + "|"]
+              "ci95_low", "ci95_high", *(["boot95_low", "boot95_high", "boot over"] if boot else []), "excludes 0"]
+    aligns = ["---", "---"] + ["---:"] * (len(round_ids) + 3 + 2 * boot) + ["---"] * (1 + boot)
+    lines += ["| " + " | ".join(header) + " |", "|" + "|".join(aligns) + "|"]
     for key, by_round in paired.diffs.items():
         f = by_round.get("final")
         if f is None:
@@ -86,7 +88,7 @@ def _paired_section(paired: Paired, labels: dict[Key, str], round_ids: list[int]
                                                  if math.isfinite(d.ci95_low) else ""))
         cells += [_signed(f.mean), _signed(f.ci95_low), _signed(f.ci95_high)]
         if boot:
-            cells += [_signed(f.boot95_low), _signed(f.boot95_high)]
+            cells += [_signed(f.boot95_low), _signed(f.boot95_high), f.bootstrap_over or ""]
         cells.append(f.verdict)
         lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]
