@@ -181,3 +181,53 @@ def test_smollm2_conversion_round_and_eval(smollm2_dir, tmp_path):
              f"hydra.run.dir={tmp_path / 'ev'}", timeout=900)
     gsm = json.loads((tmp_path / "ev" / "eval.json").read_text())["gsm8k"]
     assert gsm["max_new_tokens"] == 512 and gsm["n"] == 1 and gsm["finished_rate"] in (0.0, 1.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_smollm2(smollm2_dir, tmp_path_factory) -> Path:
+    """SmolLM2's real tokenizer, chat template and vocabulary on a 2-layer random Llama: the GPU experiments' code
+    path at a size that runs in seconds on CPU."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = tmp_path_factory.mktemp("tiny_smollm2")
+    cfg = AutoConfig.from_pretrained(smollm2_dir)
+    cfg.update({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+                "head_dim": 32, "intermediate_size": 128})
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(d, safe_serialization=True)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
+              "alignlab_model.json"):
+        shutil.copy(smollm2_dir / f, d / f)
+    return d
+
+
+@pytest.mark.slow
+def test_smollm2_sft_arith_dry_run(tiny_smollm2, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "sft"
+    alignlab("experiment=smollm2_sft_arith", f"model.path={tiny_smollm2}", f"sft_base.out_dir={out}",
+             "sft_base.steps=2", "sft_base.examples=16", "sft_base.batch_size=4", "sft_base.device=cpu",
+             "sft_base.threads=1", "sft_base.lr=1e-2", f"hydra.run.dir={tmp_path / 'h'}")
+    assert json.loads((out / "alignlab_model.json").read_text())["config"] == "smollm2_135m_instruct"
+    info = json.loads((out / "sft_base.json").read_text())
+    assert info["init_from"] == str(tiny_smollm2) and info["steps"] == 2
+    assert load_tokenizer(out).chat_template == load_tokenizer(tiny_smollm2).chat_template
+    before, after = load_file(tiny_smollm2 / "model.safetensors"), load_file(out / "model.safetensors")
+    assert not all(bool((before[k] == after[k]).all()) for k in before)  # it trained
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arm", ["dpo_r1", "pace"])
+def test_smollm2_pace_vs_dpo_r1_dry_run(tiny_smollm2, tmp_path, arm):
+    pace = ["sampler=pace", "pair_builder=corrective", "loss=pace_proximal", "sampler.gates.arith_steps=null"]
+    out = tmp_path / arm
+    alignlab("experiment=smollm2_pace_vs_dpo_r1", f"model.path={tiny_smollm2}", *(pace if arm == "pace" else []),
+             "rounds=1", "data.train_prompts=3", "data.eval_problems=3", "sampler.n=2", "generation.max_new_tokens=8",
+             "generation.dtype=float32", "model.dtype=float32", "verifier=noisy", "verifier.epsilon=0.5",
+             "trainer.batch_size=2", "trainer.epochs=1", "logger=none", "threads=1", f"hydra.run.dir={out}")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["experiment"] == "smollm2_pace_vs_dpo_r1" and len(summary["rounds"]) == 1
+    rollouts = [json.loads(x) for x in (out / "round_1" / "rollouts.jsonl").read_text().splitlines()]
+    assert any(r["source"] == "refined" for r in rollouts) == (arm == "pace")
