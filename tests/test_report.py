@@ -513,3 +513,17 @@ def test_bootstrap_resamples_problems_where_evals_record_verdicts(tmp_path: Path
     assert float(sage["boot95_high"]) == pytest.approx(0.1 + half, abs=0.006)
     assert rand["bootstrap_over"] == "seeds" and float(rand["boot95_low"]) == pytest.approx(0.1)
     assert "| seeds x problems |" in (out / "report.md").read_text()
+
+
+def test_newer_ledger_fields_get_a_column_only_where_recorded(tmp_path: Path) -> None:
+    new = _summary(4, 1.0, 0)
+    for r in new["rounds"]:
+        r["ledger"] |= {"forward_tokens": 1234 * r["round"], "stage_wall_s": {"sample": 1.0}}
+    _write_run(tmp_path / "runs" / "new", ["experiment=x", "seed=0"], new)
+    _write_run(tmp_path / "runs" / "old", ["experiment=x", "seed=1"], _summary(4, 1.0, 1))
+    assert report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
+    with (tmp_path / "out" / "report.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    cols = list(rows[0])
+    assert cols.index("wall_s") + 1 == cols.index("forward_tokens") and "stage_wall_s" not in cols
+    assert [r["forward_tokens"] for r in rows] == ["1234", "2468", "3702", "", "", ""]

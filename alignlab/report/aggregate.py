@@ -57,16 +57,21 @@ def mean_se(values: Iterable[float], own_se: float = math.nan) -> Stat:
 
 def rounds_frame(runs: Sequence[Run]) -> pd.DataFrame:
     """One row per run per round, every run given (failed runs' partial rounds too), values as the summaries hold
-    them (object dtype, so report.csv writes them unchanged). ``run`` indexes `runs`; ``acc_difficulty_<d>`` and
-    the diagnostics columns exist only where some run recorded them."""
+    them (object dtype, so report.csv writes them unchanged). ``run`` indexes `runs`. Ledger fields beyond
+    LEDGER_KEYS (for example ``forward_tokens``), ``acc_difficulty_<d>`` and the diagnostics columns exist only where
+    some run recorded them, so reports of older runs keep their columns."""
     rows = []
+    extra: dict[str, None] = {}  # ledger fields beyond LEDGER_KEYS (newer runs), in order of first appearance
     for i, r in enumerate(runs):
         base, final = r.base, as_dict(r.final_round.get("eval")).get("accuracy")
         for rd in r.rounds:
             ev, ledger = as_dict(rd.get("eval")), as_dict(rd.get("ledger"))
+            more = {k: v for k, v in ledger.items()
+                    if k not in LEDGER_KEYS and isinstance(v, int | float) and not isinstance(v, bool)}
+            extra |= dict.fromkeys(more)
             row = {"run": i, "round": rd.get("round"), "accuracy": ev.get("accuracy"), "se": ev.get("se"),
                    "n": ev.get("n"), "pairs": rd.get("pairs"), "selected": rd.get("selected"),
-                   **{k: ledger.get(k) for k in LEDGER_KEYS}, "base_accuracy": base.get("accuracy"),
+                   **{k: ledger.get(k) for k in LEDGER_KEYS}, **more, "base_accuracy": base.get("accuracy"),
                    "base_se": base.get("se"), "final_accuracy": final}
             row |= {f"{DIFFICULTY}{d}": v for d, v in as_dict(ev.get("by_difficulty")).items()}
             row |= {k: v for k, v in as_dict(rd.get("diagnostics")).items() if k in DIAGNOSTICS}
@@ -74,7 +79,9 @@ def rounds_frame(runs: Sequence[Run]) -> pd.DataFrame:
     frame = pd.DataFrame(rows, dtype=object)
     diff_cols = sorted((c for c in frame.columns if c.startswith(DIFFICULTY)), key=lambda c: natural(c[len(DIFFICULTY):]))
     diag_cols = [k for k in DIAGNOSTICS if k in frame.columns]
-    return frame.reindex(columns=["run", *ROUND_COLUMNS, *diff_cols, *diag_cols])
+    ledger_end = ROUND_COLUMNS.index(LEDGER_KEYS[-1]) + 1
+    columns = [*ROUND_COLUMNS[:ledger_end], *extra, *ROUND_COLUMNS[ledger_end:]]
+    return frame.reindex(columns=["run", *columns, *diff_cols, *diag_cols])
 
 
 def difficulty_columns(frame: pd.DataFrame) -> list[str]:
