@@ -1,8 +1,9 @@
 """trainer=deepspeed_zero2/3: 2 CPU ranks (gloo) reproduce TorchTrainer step by step; a killed round resumes.
 
-Batches are TorchTrainer's with ``batch_size = ranks * micro_batch_size``; the settings below (17 pairs,
-micro 2 x 2 ranks, accumulation 3, 2 epochs = 4 steps) include a micro-batch with fewer pairs than ranks and
-a last step with fewer micro-batches than the accumulation, so the zero-weight padding path runs too.
+Batches are TorchTrainer's with ``batch_size = ranks * micro_batch_size``. Every run here has SAGE's per-step
+filter (keep_ratio 0.5: 8 candidates drawn per global micro-batch, 4 kept) as a callback, scored on the ranks.
+The settings (17 pairs, micro 2 x 2 ranks, accumulation 3, 2 epochs) include a micro-batch with fewer pairs than ranks and a last step with fewer micro-batches than the
+accumulation, so the zero-weight padding path runs too.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from alignlab.config import ConfigError
 from alignlab.data.arith import generate, solution
 from alignlab.losses import DPOLoss
 from alignlab.models import ModelSpec, load_model, load_tokenizer
-from alignlab.records import Pair
+from alignlab.records import Pair, read_jsonl
+from alignlab.select.sage import SageSelector, keep_count
 from alignlab.train.deepspeed_trainer import DeepSpeedTrainer
-from alignlab.train.torch_trainer import TorchTrainer, reference_logps
+from alignlab.train.torch_trainer import TorchTrainer, batch_plan, encode_pairs, reference_logps
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -32,6 +34,7 @@ pytestmark = pytest.mark.slow
 SETTINGS = {"lr": 1e-3, "epochs": 2, "max_length": 160, "warmup_ratio": 0.25, "weight_decay": 0.01}
 MICRO, RANKS, ACCUM, SEED = 2, 2, 3, 11
 LOSS = DPOLoss(beta=0.1, label_smoothing=0.1)
+SAGE = SageSelector(keep_ratio=0.5, granularity="step", curriculum=None)
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +56,11 @@ def job(model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("torch") / "checkpoint"
     torch.set_num_threads(2)
     res = TorchTrainer(batch_size=MICRO * RANKS, grad_accum=ACCUM, device="cpu", **SETTINGS).train(
-        model_dir, pairs, ref, LOSS, out, seed=SEED)
-    assert res.steps == 4
-    return {"pairs": pairs, "ref": ref, "torch": res, "torch_dir": out}
+        model_dir, pairs, ref, LOSS, out, seed=SEED, callbacks=SAGE.callbacks())
+    # 8 candidates per global micro-batch: 3 per epoch (8, 8, 1), 6 in all, 3 per step -> 2 steps
+    plan = batch_plan(encode_pairs(load_tokenizer(model_dir), pairs, SETTINGS["max_length"]), 8, 2, SEED)
+    assert res.steps == 2 and len(plan) == 6
+    return {"pairs": pairs, "ref": ref, "torch": res, "torch_dir": out, "plan": plan}
 
 
 def ds_trainer(stage: int, **kw) -> DeepSpeedTrainer:
@@ -67,6 +72,7 @@ def ds_trainer(stage: int, **kw) -> DeepSpeedTrainer:
 
 
 def assert_same_run(job, res, out: Path) -> None:
+    """Same steps, pairs, losses, schedule, SAGE choices and final weights as TorchTrainer."""
     ref = job["torch"]
     assert res.steps == ref.steps and res.trained_tokens == ref.trained_tokens
     assert [h["step"] for h in res.history] == [h["step"] for h in ref.history]
@@ -74,7 +80,15 @@ def assert_same_run(job, res, out: Path) -> None:
         assert abs(a["loss"] - b["loss"]) < 1e-4, (a, b)
         assert abs(a["lr"] - b["lr"]) < 1e-12
         assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-3 * max(1.0, a["grad_norm"])
+        assert (a["candidates"], a["kept"]) == (b["candidates"], b["kept"])
         assert set(a) == set(b)
+    # SAGE kept exactly ceil(0.5 n) of each global micro-batch's n candidates, the same pairs as in one process
+    steps = [job["plan"][s * ACCUM: (s + 1) * ACCUM] for s in range(res.steps)]
+    assert [h["kept"] for h in res.history] == [sum(keep_count(0.5, len(b)) for b in g) for g in steps]
+    assert [h["candidates"] for h in res.history] == [sum(len(b) for b in g) for g in steps]
+    kept = [(r["step"], r["pair"]) for r in read_jsonl(out.parent / "kept_pairs.jsonl")]
+    assert kept == [(r["step"], r["pair"]) for r in read_jsonl(job["torch_dir"].parent / "kept_pairs.jsonl")]
+    assert res.summary["trained_pairs"] == ref.summary["trained_pairs"] == len(kept) == 18  # (4 + 4 + 1) x 2
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
     assert not out.with_name(out.name + ".tmp").exists()
     want, got = load_model(job["torch_dir"]).state_dict(), load_model(out).state_dict()
@@ -85,7 +99,8 @@ def assert_same_run(job, res, out: Path) -> None:
 
 def test_zero2_on_two_cpu_ranks_matches_torch_trainer(job, model_dir, tmp_path):
     out = tmp_path / "checkpoint"
-    res = ds_trainer(2, checkpoint_every=2).train(model_dir, job["pairs"], job["ref"], LOSS, out, seed=SEED)
+    res = ds_trainer(2, checkpoint_every=1).train(model_dir, job["pairs"], job["ref"], LOSS, out, seed=SEED,
+                                                  callbacks=SAGE.callbacks())
     assert res.summary["ranks"] == RANKS and res.summary["zero_stage"] == 2 and "resumed_from_step" not in res.summary
     assert_same_run(job, res, out)
     assert not (tmp_path / "checkpoint.ds" / "ds_ckpt").exists()  # dropped once the HF checkpoint exists
@@ -96,13 +111,15 @@ import json, pickle, sys
 from alignlab.records import Pair
 from alignlab.train.deepspeed_trainer import DeepSpeedTrainer
 a = pickle.load(open(sys.argv[1], "rb"))
-DeepSpeedTrainer(**a["kw"]).train(a["model"], a["pairs"], a["ref"], a["loss"], a["out"], seed=a["seed"])
+DeepSpeedTrainer(**a["kw"]).train(a["model"], a["pairs"], a["ref"], a["loss"], a["out"], seed=a["seed"],
+                                  callbacks=a["callbacks"])
 """
 
 
 def test_zero3_round_killed_mid_way_resumes_and_matches_torch_trainer(job, model_dir, tmp_path):
     """ZeRO-3 (every tensor partitioned): steps before the kill come from the killed run, the rest from the
-    resumed one; together they must equal TorchTrainer's steps and final weights."""
+    resumed one; together they must equal TorchTrainer's steps, SAGE choices and final weights (the filter's RNG
+    and counts are saved with the DeepSpeed checkpoint)."""
     import pickle
 
     out = tmp_path / "checkpoint"
@@ -113,7 +130,7 @@ def test_zero3_round_killed_mid_way_resumes_and_matches_torch_trainer(job, model
           **SETTINGS}
     args = tmp_path / "args.pkl"
     args.write_bytes(pickle.dumps({"kw": kw, "model": str(model_dir), "pairs": job["pairs"], "ref": job["ref"],
-                                   "loss": LOSS, "out": str(out), "seed": SEED}))
+                                   "loss": LOSS, "out": str(out), "seed": SEED, "callbacks": SAGE.callbacks()}))
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(args)], cwd=ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = tmp_path / "checkpoint.ds" / "ds_ckpt" / "complete"  # the newest checkpoint all ranks finished
@@ -125,20 +142,22 @@ def test_zero3_round_killed_mid_way_resumes_and_matches_torch_trainer(job, model
     assert latest.exists(), "no DeepSpeed checkpoint appeared"
     assert not (out / "config.json").exists(), "the round finished before it could be killed"
     killed_at = int(latest.read_text().strip().removeprefix("step"))
-    assert 1 <= killed_at < 4
-    res = trainer.train(model_dir, job["pairs"], job["ref"], LOSS, out, seed=SEED)
+    assert killed_at == 1
+    res = trainer.train(model_dir, job["pairs"], job["ref"], LOSS, out, seed=SEED, callbacks=SAGE.callbacks())
     log = (tmp_path / "checkpoint.ds" / "launcher.log").read_text()
     assert "resumed from DeepSpeed checkpoint" in log
     assert res.summary["resumed_from_step"] >= killed_at and res.summary["zero_stage"] == 3
     assert_same_run(job, res, out)
 
 
-def test_reference_logps_on_zero3_ranks_match_a_single_process(job, model_dir):
-    got = ds_trainer(3).reference_logps(model_dir, job["pairs"], max_len=SETTINGS["max_length"])
+def test_reference_logps_on_zero3_ranks_match_a_single_process(job, model_dir, tmp_path):
+    got = ds_trainer(3).logps(model_dir, job["pairs"], workdir=tmp_path)
     want = job["ref"]
     assert got["chosen_tokens"] == want["chosen_tokens"] and got["rejected_tokens"] == want["rejected_tokens"]
+    assert got["forward_tokens"] == want["forward_tokens"] > sum(want["chosen_tokens"]) + sum(want["rejected_tokens"])
     for k in ("chosen", "rejected"):
-        assert max(abs(a - b) for a, b in zip(got[k], want[k])) < 1e-3
+        assert max(abs(a - b) for a, b in zip(got[k], want[k])) < 1e-4
+    assert list(tmp_path.iterdir()) == []  # the ranks' work dir is gone
 
 
 def test_a_deepspeed_run_is_not_resumed_for_other_inputs(job, model_dir, tmp_path):
@@ -157,6 +176,7 @@ def test_a_deepspeed_run_is_not_resumed_for_other_inputs(job, model_dir, tmp_pat
     ({"micro_batch_size": 0}, "micro_batch_size"),
     ({"ranks": 0}, "ranks"),
     ({"ranks": 3, "batch_size": 16}, "batch_size"),
+    ({"batch_size": 16, "micro_batch_size": 4}, "exactly one of batch_size"),
     ({"optimizer": "sgd"}, "optimizer"),
     ({"launcher": "mpirun"}, "launcher"),
     ({"hostfile": "/nonexistent/hostfile", "launcher": "deepspeed"}, "hostfile"),
@@ -164,10 +184,11 @@ def test_a_deepspeed_run_is_not_resumed_for_other_inputs(job, model_dir, tmp_pat
     ({"deepspeed": {"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}}, "offload_param"),
     ({"deepspeed": {"train_micro_batch_size_per_gpu": 8}, "micro_batch_size": 4}, "train_micro_batch_size_per_gpu"),
     ({"deepspeed": {"fp16": {"enabled": True}}}, "fp16"),
+    ({"grad_stats": True}, "grad_stats=true needs trainer=torch"),
 ])
 def test_impossible_settings_fail_at_construction_naming_the_argument(kw, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        DeepSpeedTrainer(**kw)
+        DeepSpeedTrainer(**({} if {"batch_size", "micro_batch_size"} & set(kw) else {"micro_batch_size": 4}), **kw)
 
 
 def test_config_group_builds_and_fills_auto_values():

@@ -17,13 +17,11 @@ from alignlab.runner import build_components
 from alignlab.select.curriculum import Curriculum, quotas, top_k
 from alignlab.select.random import RandomSelector
 from alignlab.select.sage import (
-    GradStatsHook,
     SageSelector,
-    SageStepHook,
+    SageStepFilter,
     keep_count,
     newton_score,
     stable_score,
-    step_hook,
 )
 from alignlab.train.torch_trainer import TorchTrainer, reference_logps
 from tests.conftest import TINY_RUN, alignlab
@@ -192,8 +190,8 @@ def test_step_hook_keeps_ceil_gamma_of_each_candidate_batch_and_logs_grad_varian
     pairs = _real_pairs(tiny_dir, 30)
     ref = reference_logps(tiny_dir, pairs)
     sel = SageSelector(keep_ratio=0.4, granularity="step", curriculum=Curriculum())
-    tr = TorchTrainer(lr=1e-3, epochs=1, batch_size=2, grad_accum=2, step_hook=step_hook(sel))
-    res = tr.train(tiny_dir, pairs, ref, DPOLoss(), tmp_path / "ckpt", seed=0)
+    tr = TorchTrainer(lr=1e-3, epochs=1, batch_size=2, grad_accum=2, grad_stats=True)
+    res = tr.train(tiny_dir, pairs, ref, DPOLoss(), tmp_path / "ckpt", seed=0, callbacks=sel.callbacks())
     # candidate batches of floor(2 / 0.4) = 5 pairs, 2 per step: 30 pairs -> 6 batches -> 3 steps, 2 + 2 kept each
     assert res.steps == 3 and [h["candidates"] for h in res.history] == [10, 10, 10]
     assert [h["kept"] for h in res.history] == [4, 4, 4] and res.trained_tokens > 0
@@ -202,8 +200,11 @@ def test_step_hook_keeps_ceil_gamma_of_each_candidate_batch_and_logs_grad_varian
     assert log["candidates"] == 30 and log["kept"] == 12 and sum(log["score_hist_all"]) == 30
     assert sum(b["kept"] for b in log["buckets"].values()) == 12 and log["stage"] == 2  # competence 0.5
     assert log["score_forward_tokens"] > 0 and len(log["steps"]) == 3
+    kept = read_jsonl(tmp_path / "kept_pairs.jsonl")  # every kept pair instance, with its step and score
+    assert len(kept) == 12 and [k["step"] for k in kept] == sorted(k["step"] for k in kept)
+    assert res.summary["trained_pairs"] == 12 and res.summary["pairs_per_epoch"] == 12
     # without a filter the stats hook changes nothing: same losses as a trainer without a hook
-    a = TorchTrainer(lr=1e-3, epochs=1, batch_size=4, grad_accum=2, step_hook=GradStatsHook())
+    a = TorchTrainer(lr=1e-3, epochs=1, batch_size=4, grad_accum=2, grad_stats=True)
     b = TorchTrainer(lr=1e-3, epochs=1, batch_size=4, grad_accum=2)
     ra = a.train(tiny_dir, pairs, ref, DPOLoss(), tmp_path / "a", seed=0)
     rb = b.train(tiny_dir, pairs, ref, DPOLoss(), tmp_path / "b", seed=0)
@@ -215,10 +216,13 @@ def test_step_hook_keeps_ceil_gamma_of_each_candidate_batch_and_logs_grad_varian
 def test_sage_run_end_to_end_through_the_cli(tiny_dir, tmp_path):
     run = [a for a in TINY_RUN if not a.startswith(("sampler.n", "data.train_prompts"))]
     alignlab(*run, "sampler.n=8", "data.train_prompts=24", "selector=sage", "selector.keep_ratio=0.5", "trainer.grad_accum=2", "trainer.batch_size=2",
+             "trainer.grad_stats=true",
              "rounds=1", "base_eval=false", f"model.path={tiny_dir}", f"hydra.run.dir={tmp_path}")
     s = json.loads((tmp_path / "summary.json").read_text())
     r = s["rounds"][0]
-    assert r["selected"] == r["pairs"]  # step granularity: the whole pool goes to the trainer's filter
+    # step granularity: the whole pool goes to the trainer's filter; `selected` counts the pairs it trained on
+    assert abs(r["selected"] - r["pairs"] / 2) <= 0.05 * r["pairs"] / 2 + 1 and r["selected"] < r["pairs"]
+    assert r["ledger"]["trained_pairs"] == r["train"]["trained_pairs"] == r["train"]["kept_pairs"]
     sel = read_jsonl(tmp_path / "round_1" / "selected.jsonl")
     assert sel[0]["pair"]["meta"]["sage_round"]["granularity"] == "step"
     log = json.loads((tmp_path / "round_1" / "train_steps.json").read_text())
@@ -230,14 +234,20 @@ def test_sage_run_end_to_end_through_the_cli(tiny_dir, tmp_path):
 @pytest.mark.parametrize("overrides", [["experiment=sage_ablations", "selector.keep_ratio=0.3"],
                                        ["experiment=sage_vs_dpo", "selector=random"],
                                        ["selector=sage", "selector.granularity=pool", "selector.curriculum=null"]])
-def test_sage_configs_compose_and_wire_the_trainer_hook(overrides, tiny_dir):
+def test_sage_configs_compose_and_give_the_trainer_its_callbacks(overrides, tiny_dir):
+    """The selector brings its own in-step filter; nothing is wired into the trainer's config by hand."""
+    from alignlab.runner import selector_callbacks
+
     cfg = _compose([*overrides, f"model.path={tiny_dir}"])
+    assert "step_hook" not in cfg.trainer and "callbacks" not in cfg.trainer
     comps = build_components(cfg, _choices(cfg))
-    hook = comps["trainer"].step_hook
+    cbs = selector_callbacks(comps["selector"])
     step = isinstance(comps["selector"], SageSelector) and comps["selector"].granularity == "step"
-    assert isinstance(hook, SageStepHook) == step and (hook is None or isinstance(hook, GradStatsHook))
+    assert [type(c) for c in cbs] == ([SageStepFilter] if step else [])
+    assert comps["trainer"].grad_stats == ("experiment=sage_ablations" in overrides[0]
+                                           or "experiment=sage_vs_dpo" in overrides[0])
     if step:
-        assert hook.sel.keep_ratio == comps["selector"].keep_ratio and hook.sel.beta == comps["loss"].beta
+        assert cbs[0].sel.keep_ratio == comps["selector"].keep_ratio and cbs[0].sel.beta == comps["loss"].beta
 
 
 @pytest.mark.parametrize("override,message", [("selector.keep_ratio=0", "selector: keep_ratio must be in (0, 1]"),

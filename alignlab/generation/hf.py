@@ -125,7 +125,9 @@ class HFGenerator:
 
     @torch.inference_mode()
     def generate(self, model_dir: str | Path, prompts: list[str], n: int, seed: int,
-                 greedy: bool = False) -> list[list[Sample]]:
+                 greedy: bool = False, shard: tuple[int, int] | None = None) -> list[list[Sample]]:
+        """``shard=(rank, world)``: decode only every world-th batch from the rank-th (the others stay empty), so
+        the batches of R ranks together are exactly one process's (alignlab/generation/ranks.py)."""
         from tqdm.auto import tqdm
 
         model, tok = self._load(model_dir)
@@ -145,6 +147,7 @@ class HFGenerator:
         per_batch = max(1, self.batch_size // n)
         out: list[list[Sample]] = [[] for _ in prompts]
         chunks = [order[b: b + per_batch] for b in range(0, len(order), per_batch)]
+        chunks = chunks[shard[0]::shard[1]] if shard else chunks
         for chunk in tqdm(chunks, desc="greedy" if greedy else f"sample n={n}", unit="batch", leave=False,
                           disable=len(chunks) <= 1):
             seeds = [sample_seed(seed, prompts[i], j) for i in chunk for j in range(n)]

@@ -134,3 +134,22 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
 
 def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def checkpoint_params(path: str | Path) -> int:
+    """Parameter count from the checkpoint's safetensors headers (tensor shapes), without loading any weight:
+    the runner needs it for the ledger and must not hold a model the trainer holds. Tied weights are stored
+    once, so this equals ``count_params`` of the loaded model."""
+    import json
+    import math
+    import struct
+
+    from alignlab.losses.reference import safetensors_files
+
+    total = 0
+    for f in sorted(set(safetensors_files(resolve_path(str(path))).values())):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+    return total

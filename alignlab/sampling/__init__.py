@@ -17,10 +17,12 @@ class SampleContext:
     """What a sampler may use: the policy directory, generator, prompt renderer and verifier."""
 
     def __init__(self, model_dir: str, generator: Generator, spec: ModelSpec, tokenizer, verifier, seed: int,
-                 base_dir: str | None = None) -> None:
+                 base_dir: str | None = None, logps=None) -> None:
         self.model_dir, self.generator, self.spec = model_dir, generator, spec
         self.tokenizer, self.verifier, self.seed = tokenizer, verifier, seed
         self.base_dir = base_dir or model_dir
+        # logps(model_dir, pairs): the trainer's log-prob interface (runs where the weights live); None: in-process
+        self.logps = logps
 
     def sample(self, problems: list[Problem], n: int, seed_offset: int = 0, source: str = "policy",
                model_dir: str | None = None, first_index: int = 0) -> list[Rollout]:

@@ -236,13 +236,24 @@ class ProximityGate:
 
 def plain_prompt_logps(ctx: Any, cands: list[Candidate], batch_size: int = 32,
                        max_length: int = 512) -> tuple[list[float], list[int]]:
-    """Summed log-prob and token count of each refined text (+ eos) under the policy, given the plain prompt."""
+    """Summed log-prob and token count of each refined text (+ eos) under the policy, given the plain prompt.
+
+    Through the trainer's log-prob interface when the context has one (on its ranks under DeepSpeed; the
+    trainer's ``max_length`` applies), else in this process.
+    """
     import torch
 
     from alignlab.models import load_model
     from alignlab.train.batching import collate, encode, response_logps
 
     tok = ctx.tokenizer
+    if getattr(ctx, "logps", None) is not None:
+        from alignlab.records import Pair
+
+        # one response per row: the "rejected" side is empty (its eos only), and its log-prob is not used
+        res = ctx.logps(ctx.model_dir, [Pair(c.problem.id, ctx.spec.render(tok, c.problem.prompt), c.refined.text, "")
+                                        for c in cands])
+        return [float(x) for x in res["chosen"]], [int(x) for x in res["chosen_tokens"]]
     enc = [encode(tok, ctx.spec.render(tok, c.problem.prompt), c.refined.text, max_length) for c in cands]
     model = load_model(ctx.model_dir, dtype=ctx.spec.torch_dtype).eval()
     sums, counts = [0.0] * len(enc), [0] * len(enc)

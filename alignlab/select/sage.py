@@ -22,18 +22,18 @@ Score forms (g = sigmoid(-z) is the gradient signal, c = sigmoid(z) sigmoid(-z) 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from alignlab.records import Pair, Selected, atomic_write_text
+from alignlab.records import Pair, Selected, write_jsonl
 from alignlab.select.curriculum import Curriculum, top_k
+from alignlab.train.batching import token_logps_of
+from alignlab.train.callbacks import TrainerCallback, TrainState
 
 log = logging.getLogger("alignlab")
 
@@ -153,7 +153,7 @@ class SageSelector:
         if not pairs:
             return []
         plan = self.plan(pairs)
-        if self.granularity == "step":  # selection happens in the trainer (SageStepHook); pass the pool on
+        if self.granularity == "step":  # selection happens in the trainer (SageStepFilter); pass the pool on
             info = {"granularity": "step", "n": len(pairs), **_bucket_info(plan, range(len(pairs)))}
             return _annotated(pairs, list(range(len(pairs))), np.zeros(len(pairs)), np.zeros(len(pairs)), plan, info)
         if scorer is None:
@@ -175,8 +175,9 @@ class SageSelector:
                 **_bucket_info(plan, kept), **_histograms(mu, scores, kept)}
         return _annotated(pairs, kept, scores, mu, plan, info, s2)
 
-    def step_hook(self) -> SageStepHook:
-        return SageStepHook(self)
+    def callbacks(self) -> list[TrainerCallback]:
+        """What the trainer runs for this selector: the per-step filter with ``granularity=step``, else nothing."""
+        return [SageStepFilter(self)] if self.granularity == "step" else []
 
 
 def _bucket_info(plan: dict[str, Any], kept: Sequence[int]) -> dict[str, Any]:
@@ -215,85 +216,44 @@ def _annotated(pairs: Sequence[Pair], kept: Sequence[int], scores: np.ndarray, m
     return out
 
 
-# ------------------------------------------------------------------------------ trainer hooks
+# ------------------------------------------------------------------------------ the in-step filter
 
 
-class GradStatsHook:
-    """TorchTrainer ``step_hook``: gradient norm per micro-batch and its variance per step (the SNR check).
-
-    Micro-batch gradients are recovered as differences of the accumulated gradient (one flat copy of
-    the parameters' size). With grad_accum=1 there is one micro-batch and no variance to report.
-    Writes ``<round>/train_steps.json`` (every step's metrics) when training ends.
-    """
-
-    def begin(self, *, model, tok, pairs: list[Pair], enc: list, ref_logps: dict[str, list[float]], out_dir: Path,
-              batch_size: int, seed: int) -> int:
-        """Returns the candidate micro-batch size the trainer should draw."""
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.out_dir, self.prev, self.sizes, self.micro = Path(out_dir), None, [], []
-        self.extra: dict[str, Any] = {}
-        return batch_size
-
-    def filter(self, idx: list[int]) -> list[int]:
-        self.sizes.append(len(idx))
-        return idx
-
-    def _flat_grad(self) -> torch.Tensor:
-        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).float()
-                          for p in self.params])
-
-    def after_backward(self, model) -> None:
-        cur = self._flat_grad()
-        self.micro.append(cur - self.prev if self.prev is not None else cur)
-        self.prev = cur
-
-    def end_step(self) -> dict[str, float]:
-        n = sum(self.sizes)
-        g = [m * (n / k) for m, k in zip(self.micro, self.sizes)]  # per-pair-mean gradient of each micro-batch
-        out = {"grad_norm_micro": float(np.mean([_sq(x) ** 0.5 for x in g]))} if g else {}
-        if len(g) > 1:
-            mean = sum(g) / len(g)
-            var = sum(_sq(x - mean) for x in g) / (len(g) - 1)  # trace of the micro-batch gradient covariance
-            out.update(grad_var_micro=var, grad_snr=_sq(mean) / max(var / len(g), 1e-30))
-        self.prev, self.sizes, self.micro = None, [], []
-        return out
-
-    def end(self, history: list[dict[str, float]]) -> dict[str, float]:
-        """Writes the step log; returns run totals for the trainer's summary."""
-        path = self.out_dir.parent / "train_steps.json"
-        atomic_write_text(path, json.dumps({"steps": history, **self.extra}, indent=1))
-        totals = {"candidates": "candidate_pairs", "kept": "kept_pairs", "score_forward_tokens": "score_forward_tokens"}
-        return {v: self.extra[k] for k, v in totals.items() if k in self.extra}
-
-
-class SageStepHook(GradStatsHook):
-    """Per-step SAGE: score a candidate batch of ~B/keep_ratio pairs with the current policy, keep the top.
+class SageStepFilter(TrainerCallback):
+    """Per-step SAGE as a trainer callback: score a candidate batch of ~B/keep_ratio pairs with the current policy,
+    keep the top ceil(keep_ratio * n). Runs on every trainer: the scores come from ``state.token_logps`` (on the
+    ranks under DeepSpeed, gathered so every rank keeps the same pairs).
 
     Token-level margin variance uses per-token log-ratios against the round's *starting* policy (computed
-    once, in ``begin``): exact for reference=previous_round; with a fixed reference it measures the
+    once, in ``on_train_begin``): exact for reference=previous_round; with a fixed reference it measures the
     dispersion of this round's movement (the per-token split of the start-vs-reference ratio is unknown).
+    Writes every kept pair instance (step, epoch, pair, score) to ``<round>/kept_pairs.jsonl``.
     """
+
+    transient = ("start",)  # rebuilt from the starting weights when a killed DeepSpeed round resumes
 
     def __init__(self, selector: SageSelector) -> None:
         self.sel = selector
 
-    def begin(self, *, model, tok, pairs, enc, ref_logps, out_dir, batch_size, seed) -> int:
-        super().begin(model=model, tok=tok, pairs=pairs, enc=enc, ref_logps=ref_logps, out_dir=out_dir,
-                      batch_size=batch_size, seed=seed)
-        self.model, self.pad_id, self.enc = model, tok.pad_token_id, enc
-        self.ref_c, self.ref_r = np.asarray(ref_logps["chosen"]), np.asarray(ref_logps["rejected"])
-        self.plan = self.sel.plan(pairs)
-        self.rng = np.random.default_rng(seed)
-        self.start = token_logps_of(model, enc, self.pad_id) if self.sel.uses_token_stats else None
+    def draw_size(self, batch_size: int) -> int:
+        return max(batch_size, math.floor(batch_size / self.sel.keep_ratio + 1e-9))
+
+    def on_train_begin(self, state: TrainState) -> None:
+        enc = state.enc
+        self.ref_c, self.ref_r = np.asarray(state.ref_logps["chosen"]), np.asarray(state.ref_logps["rejected"])
+        self.plan = self.sel.plan(state.pairs)
+        self.rng = np.random.default_rng(state.seed)
+        self.start = state.token_logps(list(range(len(enc)))) if self.sel.uses_token_stats else None
         self.score_tokens = sum(len(c.ids) + len(r.ids) for c, r in enc) if self.start is not None else 0
         self.log: dict[str, list] = {"mu": [], "score": [], "kept_mu": [], "kept_score": []}
+        self.kept_rows: list[dict[str, Any]] = []
         self.avail: dict[str, int] = {}
         self.took: dict[str, int] = {}
         self.step_kept = self.step_cands = 0
-        return max(batch_size, math.floor(batch_size / self.sel.keep_ratio + 1e-9))
 
-    def filter(self, idx: list[int]) -> list[int]:
-        pol = token_logps_of(self.model, [self.enc[i] for i in idx], self.pad_id)
+    def on_batch(self, state: TrainState, idx: list[int]) -> list[int]:
+        enc = state.enc
+        pol = state.token_logps(idx)
         pc = np.array([float(c.sum()) for c, _ in pol])
         pr = np.array([float(r.sum()) for _, r in pol])
         nc = np.array([len(c) for c, _ in pol])
@@ -306,7 +266,7 @@ class SageStepHook(GradStatsHook):
         scores = self.sel.score(mu, s2)
         buckets = [self.plan["buckets"][i] for i in idx] if self.plan["buckets"] else None
         kept = self.sel.keep(scores, buckets, self.plan["stage"], self.rng)
-        self.score_tokens += sum(len(self.enc[i][0].ids) + len(self.enc[i][1].ids) for i in idx)
+        self.score_tokens += sum(len(enc[i][0].ids) + len(enc[i][1].ids) for i in idx)
         self.step_cands += len(idx)
         self.step_kept += len(kept)
         for b in buckets or []:
@@ -314,22 +274,24 @@ class SageStepHook(GradStatsHook):
         for j in kept:
             if buckets:
                 self.took[buckets[j]] = self.took.get(buckets[j], 0) + 1
+            self.kept_rows.append({"step": state.step, "epoch": state.epoch, "pair": int(idx[j]),
+                                   "problem_id": state.pairs[idx[j]].problem_id, "score": float(scores[j]),
+                                   "z": float(mu[j]), "bucket": buckets[j] if buckets else None})
         self.log["mu"] += mu.tolist()
         self.log["score"] += scores.tolist()
         self.log["kept_mu"] += mu[kept].tolist()
         self.log["kept_score"] += scores[kept].tolist()
-        return super().filter([idx[j] for j in kept])
+        return [idx[j] for j in kept]
 
-    def end_step(self) -> dict[str, float]:
-        out = super().end_step()
-        out.update(candidates=float(self.step_cands), kept=float(self.step_kept))
+    def on_step_end(self, state: TrainState) -> dict[str, float]:
+        out = {"candidates": float(self.step_cands), "kept": float(self.step_kept)}
         self.step_cands = self.step_kept = 0
         return out
 
-    def end(self, history: list[dict[str, float]]) -> dict[str, float]:
+    def on_train_end(self, state: TrainState, history: list[dict[str, float]]) -> dict[str, float]:
         ls = np.log10(np.maximum(np.asarray(self.log["score"]), 1e-300))
         lk = np.log10(np.maximum(np.asarray(self.log["kept_score"]), 1e-300))
-        self.extra = {
+        state.log.update({
             "granularity": "step", "keep_ratio": self.sel.keep_ratio, "score": self.sel.score_name,
             "competence": self.plan["competence"], "stage": None if self.plan["stage"] is None else self.plan["stage"] + 1,
             "candidates": len(self.log["mu"]), "kept": len(self.log["kept_mu"]), "score_forward_tokens": self.score_tokens,
@@ -338,34 +300,15 @@ class SageStepHook(GradStatsHook):
             "score_log10_edges": SCORE_EDGES, "score_hist_all": histogram(ls, SCORE_EDGES),
             "score_hist_kept": histogram(lk, SCORE_EDGES), "margin_edges": MARGIN_EDGES,
             "margin_hist_all": histogram(self.log["mu"], MARGIN_EDGES),
-            "margin_hist_kept": histogram(self.log["kept_mu"], MARGIN_EDGES)}
-        return super().end(history)
-
-
-def _sq(x: torch.Tensor) -> float:
-    """Squared norm in float64 (a float32 sum over millions of entries drifts by ~1e-4)."""
-    return float(x.double().pow(2).sum())
+            "margin_hist_kept": histogram(self.log["kept_mu"], MARGIN_EDGES)})
+        if state.rank == 0:
+            write_jsonl(state.round_dir / "kept_pairs.jsonl", self.kept_rows)
+        return {"candidate_pairs": len(self.log["mu"]), "kept_pairs": len(self.log["kept_mu"]),
+                "score_forward_tokens": self.score_tokens}
 
 
 def _var(x: torch.Tensor) -> float:
     return float(x.var(unbiased=False)) if x.numel() > 1 else 0.0
-
-
-@torch.no_grad()
-def token_logps_of(model, items: list, pad_id: int, batch_size: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per-token response log-probs (chosen, rejected) of encoded pairs under ``model``, no grad."""
-    from alignlab.train.batching import collate, token_logps
-
-    out = []
-    for b in range(0, len(items), batch_size):
-        chunk = items[b: b + batch_size]
-        ids, attn, tmask = collate([c for c, _ in chunk] + [r for _, r in chunk], pad_id)
-        dev = next(model.parameters()).device
-        logits = model(input_ids=ids.to(dev), attention_mask=attn.to(dev), use_cache=False).logits
-        lp = token_logps(logits, ids.to(dev)).cpu()
-        rows = [lp[i][tmask[i]] for i in range(len(lp))]
-        out += list(zip(rows[: len(chunk)], rows[len(chunk):]))
-    return out
 
 
 def token_ratio_var(policy_dir: str, ref_dir: str, pairs: list[Pair], max_len: int = 1024) -> dict[str, list[float]]:
@@ -382,10 +325,3 @@ def token_ratio_var(policy_dir: str, ref_dir: str, pairs: list[Pair], max_len: i
     ref = pol if ref_dir == policy_dir else token_logps_of(load_model(ref_dir).eval(), enc, tok.pad_token_id)
     return {"chosen_var": [_var(a[0] - b[0]) for a, b in zip(pol, ref)],
             "rejected_var": [_var(a[1] - b[1]) for a, b in zip(pol, ref)]}
-
-
-def step_hook(selector: Any = None) -> GradStatsHook:
-    """The TorchTrainer hook a selector needs: SAGE's per-step filter, else gradient statistics only."""
-    if isinstance(selector, SageSelector) and selector.granularity == "step":
-        return selector.step_hook()
-    return GradStatsHook()

@@ -52,3 +52,19 @@ def response_logps(model, ids: Tensor, attn: Tensor, tmask: Tensor) -> tuple[Ten
     logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
     lp = token_logps(logits, ids) * tmask
     return lp.sum(-1), tmask.sum(-1)
+
+
+@torch.no_grad()
+def token_logps_of(model, items: list[tuple[Encoded, Encoded]], pad_id: int,
+                   batch_size: int = 64) -> list[tuple[Tensor, Tensor]]:
+    """Per-token response log-probs (chosen, rejected) of encoded pairs under ``model`` (no grad, on CPU)."""
+    out = []
+    for b in range(0, len(items), batch_size):
+        chunk = items[b: b + batch_size]
+        ids, attn, tmask = collate([c for c, _ in chunk] + [r for _, r in chunk], pad_id)
+        dev = next(model.parameters()).device
+        logits = model(input_ids=ids.to(dev), attention_mask=attn.to(dev), use_cache=False).logits
+        lp = token_logps(logits, ids.to(dev)).cpu()
+        rows = [lp[i][tmask[i]] for i in range(len(lp))]
+        out += list(zip(rows[: len(chunk)], rows[len(chunk):]))
+    return out

@@ -17,7 +17,6 @@ import ctypes
 import hashlib
 import json
 import logging
-import math
 import os
 import pickle
 import shutil
@@ -28,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from alignlab.checks import read_hostfile, read_json_object, require_nvme_dir
 from alignlab.logging import progress
 from alignlab.records import Pair, atomic_write_text
 from alignlab.train import NonFiniteLossError, TrainResult
@@ -62,14 +62,16 @@ def _auto(cfg: dict[str, Any], key: str, value: Any, knob: str) -> None:
 class DeepSpeedTrainer:
     """Data-parallel DPO-family training with DeepSpeed ZeRO-2/3, launched as a subprocess per round."""
 
-    def __init__(self, lr: float = 1e-4, epochs: int = 2, micro_batch_size: int = 4, grad_accum: int = 1,
-                 ranks: int | None = None, batch_size: int | None = None, max_grad_norm: float = 1.0, warmup_ratio: float = 0.1,
+    def __init__(self, lr: float = 1e-4, epochs: int = 2, micro_batch_size: int | None = None, grad_accum: int = 1,
+                 ranks: int | None = None, batch_size: int | None = None, max_grad_norm: float = 1.0,
+                 warmup_ratio: float = 0.1,
                  weight_decay: float = 0.0, max_length: int = 1024, max_grad_norm_abort: float = 1e6,
                  log_every: int = 10, gradient_checkpointing: bool = False, optimizer: str = "torch",
                  checkpoint_every: int = 50, launcher: str = "torchrun", hostfile: str | None = None,
                  master_port: int | None = None, threads_per_rank: int = 0, keep_workdir: bool = False,
-                 deepspeed: dict[str, Any] | None = None) -> None:
-        for k, v in {"lr": lr, "epochs": epochs, "micro_batch_size": micro_batch_size, "grad_accum": grad_accum,
+                 grad_stats: bool = False, deepspeed: dict[str, Any] | None = None) -> None:
+        for k, v in {"lr": lr, "epochs": epochs, "micro_batch_size": 1 if micro_batch_size is None else micro_batch_size,
+                     "grad_accum": grad_accum,
                      "max_length": max_length, "max_grad_norm": max_grad_norm}.items():
             if v <= 0:
                 raise ValueError(f"{k} must be > 0, got {v}")
@@ -87,10 +89,16 @@ class DeepSpeedTrainer:
             raise ValueError(f"launcher must be one of {LAUNCHERS}, got {launcher!r}")
         if hostfile is not None and launcher != "deepspeed":
             raise ValueError("hostfile needs launcher=deepspeed (torchrun is launched on one node only)")
-        if hostfile is not None and not Path(hostfile).is_file():
-            raise ValueError(f"hostfile: no such file {hostfile}")
+        if hostfile is not None:
+            read_hostfile("trainer.hostfile", hostfile)  # a readable file of 'host slots=N' lines
         if launcher == "deepspeed" and shutil.which("deepspeed") is None and _missing("deepspeed"):
             raise ValueError("launcher=deepspeed needs DeepSpeed installed (pip install deepspeed)")
+        if grad_stats:
+            raise ValueError("grad_stats=true needs trainer=torch: DeepSpeed ZeRO reduces and partitions gradients "
+                             "inside backward and exposes them only at the optimiser step, not per micro-batch")
+        if (batch_size is None) == (micro_batch_size is None):
+            raise ValueError(f"set exactly one of batch_size (global, as trainer=torch; got {batch_size}) and "
+                             f"micro_batch_size (per rank; got {micro_batch_size})")
         self.ranks, self.hostfile = ranks, hostfile
         if batch_size is not None:  # TorchTrainer's knob (experiments set it): the same batches on `ranks` ranks
             n = self.world_size()
@@ -105,10 +113,13 @@ class DeepSpeedTrainer:
             checkpoint_every
         self.launcher, self.master_port = launcher, master_port
         self.threads_per_rank, self.keep_workdir = threads_per_rank, keep_workdir
+        self.grad_stats = grad_stats  # the knob trainer=torch has; rejected above
         self.ds_config = self._resolve(deepspeed)
 
     # -- configuration -------------------------------------------------------------------------------------
     def _resolve(self, user: Any) -> dict[str, Any]:
+        if isinstance(user, str):  # trainer.deepspeed=<ds_config.json>
+            user = read_json_object("trainer.deepspeed", user, "give a DeepSpeed JSON config file or a mapping")
         if user is not None and not isinstance(user, dict):
             from omegaconf import DictConfig, OmegaConf
 
@@ -129,6 +140,8 @@ class DeepSpeedTrainer:
             dev = (zero.get(part) or {}).get("device", "none")
             if dev not in ("none", "cpu", "nvme"):
                 raise ValueError(f"deepspeed.zero_optimization.{part}.device must be none, cpu or nvme, got {dev!r}")
+            if dev == "nvme":
+                require_nvme_dir(f"trainer.deepspeed.zero_optimization.{part}.nvme_path", zero[part].get("nvme_path"))
         if (zero.get("offload_param") or {}).get("device", "none") != "none" and stage != 3:
             raise ValueError("deepspeed.zero_optimization.offload_param needs stage 3")
         if stage == 3:
@@ -165,14 +178,14 @@ class DeepSpeedTrainer:
         """Pairs per global micro-batch: TorchTrainer's ``batch_size`` that gives the same batches."""
         return self.micro_batch_size * self.world_size()
 
-    def launch_command(self, work: Path) -> list[str]:
-        """The launcher command line for one work dir."""
+    def launch_command(self, work: Path, module: str = "alignlab.train.ds_worker") -> list[str]:
+        """The launcher command line that starts ``module`` on every rank with one work dir."""
         n = self.world_size()
         if self.launcher == "torchrun":
             cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}"]
             cmd += ["--standalone"] if self.master_port is None else \
                 ["--master_addr=127.0.0.1", f"--master_port={self.master_port}"]
-            return cmd + ["-m", "alignlab.train.ds_worker", str(work)]
+            return cmd + ["-m", module, str(work)]
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
         if self.hostfile:
             cmd += ["--hostfile", str(self.hostfile)]
@@ -181,24 +194,26 @@ class DeepSpeedTrainer:
         else:
             cmd += ["--num_gpus", str(n)]
         cmd += ["--master_port", str(self.master_port or _free_port())]
-        return cmd + ["--no_local_rank", "--module", "alignlab.train.ds_worker", str(work)]
+        return cmd + ["--no_local_rank", "--module", module, str(work)]
 
     # -- the Trainer protocol ------------------------------------------------------------------------------
     def train(self, policy_dir: str | Path, pairs: list[Pair], ref_logps: dict[str, list[float]], loss,
-              out_dir: str | Path, seed: int, logger=None) -> TrainResult:
+              out_dir: str | Path, seed: int, logger=None, callbacks: list | None = None) -> TrainResult:
+        """The train stage on the ranks; ``callbacks`` (alignlab.train.callbacks) are pickled to them."""
         out = Path(out_dir).resolve()
         work = out.with_name(out.name + ".ds")
         job = self._job("train", policy_dir, out, seed)
-        fingerprint = _fingerprint(job, pairs, ref_logps, loss)
+        cb_bytes = pickle.dumps(list(callbacks or []))
+        fingerprint = _fingerprint(job, pairs, ref_logps, loss, cb_bytes)
         self._prepare(work, job, fingerprint, pairs, ref_logps, loss)
-        total = max(1, math.ceil(self.epochs * math.ceil(len(pairs) / self.batch_size) / self.grad_accum))
+        (work / "callbacks.pkl").write_bytes(cb_bytes)
         seen = 0
 
         def on_progress() -> None:
             nonlocal seen
             hist = _read_history(work / "history.jsonl")
             for h in hist[seen:]:
-                if logger is not None and (h["step"] % self.log_every == 0 or h["step"] == total - 1):
+                if logger is not None and h["step"] % self.log_every == 0:
                     logger.log({f"train/{k}": v for k, v in h.items()})
             seen = max(seen, len(hist))
             bar.update(seen - bar.n)  # rank 0's steps, on the controller's console (the ranks log to a file)
@@ -214,22 +229,33 @@ class DeepSpeedTrainer:
         return TrainResult(steps=res["steps"], trained_tokens=res["trained_tokens"], history=res["history"],
                            summary=res["summary"])
 
-    def reference_logps(self, model_dir: str | Path, pairs: list[Pair], max_len: int | None = None
-                        ) -> dict[str, list[float]]:
-        """Summed chosen/rejected log-probs under ``model_dir`` on all ranks (ZeRO-3 shards the model)."""
+    def logps(self, model_dir: str | Path, pairs: list[Pair], workdir: str | Path | None = None,
+              max_len: int | None = None) -> dict[str, Any]:
+        """Summed chosen/rejected log-probs under ``model_dir``, computed on the ranks in the model's dtype (ZeRO-3
+        shards the weights), and ``forward_tokens``. The runner's one way to score pairs with this trainer.
+
+        ``workdir`` (the round dir) holds the ranks' inputs while they run; default: a temporary directory.
+        """
         if not pairs:
-            return {"chosen": [], "rejected": [], "chosen_tokens": [], "rejected_tokens": []}
+            return {"chosen": [], "rejected": [], "chosen_tokens": [], "rejected_tokens": [], "forward_tokens": 0}
         job = self._job("logps", model_dir, Path(), 0)
         job["max_length"] = max_len or self.max_length
         key = hashlib.sha1((json.dumps(job, sort_keys=True) + _pairs_hash(pairs)).encode()).hexdigest()[:12]
         import tempfile
 
-        with tempfile.TemporaryDirectory(prefix=f"alignlab-logps-{key}-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=f"logps-{key}-", dir=workdir) as tmp:
             work = Path(tmp)
             _write_pairs(work / "pairs.jsonl", pairs)
             atomic_write_text(work / "job.json", json.dumps(job))
             self._launch(work, lambda: None)
             return json.loads((work / "logps.json").read_text())
+
+    reference_logps = logps  # the earlier name
+
+    def run_on_ranks(self, module: str, work: Path, on_progress=lambda: None) -> None:
+        """Start ``python -m <module> <work>`` on every rank with this trainer's launcher (torchrun or the DeepSpeed
+        hostfile launcher), wait, and raise the first rank's error. Generation shards its prompts this way."""
+        self._launch(work, on_progress, module)
 
     # -- internals -----------------------------------------------------------------------------------------
     def _job(self, mode: str, policy_dir: str | Path, out: Path, seed: int) -> dict[str, Any]:
@@ -274,8 +300,8 @@ class DeepSpeedTrainer:
         (work / "loss.pkl").write_bytes(pickle.dumps(loss))
         atomic_write_text(meta, json.dumps({**job, "fingerprint": fingerprint}, indent=1))
 
-    def _launch(self, work: Path, on_progress) -> None:
-        cmd = self.launch_command(work)
+    def _launch(self, work: Path, on_progress, module: str = "alignlab.train.ds_worker") -> None:
+        cmd = self.launch_command(work, module)
         import socket
 
         env = {**os.environ, "OMP_NUM_THREADS": str(self._threads()), "TOKENIZERS_PARALLELISM": "false",
@@ -314,7 +340,7 @@ class DeepSpeedTrainer:
         if self.keep_workdir:
             return
         shutil.rmtree(work / "ds_ckpt", ignore_errors=True)
-        for name in ("pairs.jsonl", "ref_logps.json", "loss.pkl"):
+        for name in ("pairs.jsonl", "ref_logps.json", "loss.pkl", "callbacks.pkl"):
             (work / name).unlink(missing_ok=True)
 
 
@@ -351,17 +377,7 @@ def _free_port() -> int:
 
 def _hostfile_slots(path: Path) -> dict[str, int]:
     """``host slots=N`` lines (DeepSpeed's hostfile format); ``#`` comments allowed."""
-    out: dict[str, int] = {}
-    for line in path.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        host, _, rest = line.partition(" ")
-        slots = rest.strip()
-        if not slots.startswith("slots="):
-            raise ValueError(f"hostfile {path}: bad line {line!r} (want 'host slots=N')")
-        out[host] = int(slots[len("slots="):])
-    return out
+    return read_hostfile("trainer.hostfile", path)
 
 
 def _write_pairs(path: Path, pairs: list[Pair]) -> None:
@@ -376,9 +392,11 @@ def _pairs_hash(pairs: list[Pair]) -> str:
     return h.hexdigest()
 
 
-def _fingerprint(job: dict[str, Any], pairs: list[Pair], ref_logps: dict[str, list[float]], loss) -> str:
+def _fingerprint(job: dict[str, Any], pairs: list[Pair], ref_logps: dict[str, list[float]], loss,
+                 callbacks: bytes = b"") -> str:
     """Identity of a training job: a DeepSpeed checkpoint is resumed only by the job that wrote it."""
     h = hashlib.sha1(json.dumps({k: v for k, v in job.items() if k != "threads"}, sort_keys=True).encode())
+    h.update(callbacks)
     h.update(_pairs_hash(pairs).encode())
     h.update(json.dumps([ref_logps["chosen"], ref_logps["rejected"]]).encode())
     h.update(repr(loss).encode())

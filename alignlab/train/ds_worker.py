@@ -15,7 +15,6 @@ import json
 import math
 import os
 import pickle
-import random
 import shutil
 import signal
 import sys
@@ -30,8 +29,9 @@ from alignlab.losses import PairLogps
 from alignlab.models import load_tokenizer, resolve_path
 from alignlab.records import Pair, atomic_write_text
 from alignlab.train import NonFiniteLossError
-from alignlab.train.batching import Encoded, collate, response_logps
-from alignlab.train.torch_trainer import cosine_with_warmup, encode_pairs, length_buckets
+from alignlab.train.batching import Encoded, collate, response_logps, token_logps_of
+from alignlab.train.callbacks import CallbackList, TrainState, write_step_log
+from alignlab.train.torch_trainer import batch_plan, cosine_with_warmup, encode_pairs, epoch_of, summarize
 
 T0 = time.time()
 COMPLETE = "complete"  # names the newest DeepSpeed checkpoint all ranks have finished writing
@@ -72,12 +72,6 @@ def read_pairs(path: Path) -> list[Pair]:
             out.append(Pair(problem_id=d.get("problem_id", ""), prompt=d["prompt"], chosen=d["chosen"],
                             rejected=d["rejected"]))
     return out
-
-
-def micro_plan(enc: list[tuple[Encoded, Encoded]], global_micro: int, epochs: int, seed: int) -> list[list[int]]:
-    """TorchTrainer's micro-batches (``batch_size`` = ranks x per-rank micro batch), drawn from the same RNG."""
-    rng = random.Random(seed)
-    return [b for _ in range(epochs) for b in length_buckets(enc, global_micro, rng)]
 
 
 def shard(batch: list[int], rank: int, world: int) -> list[int]:
@@ -167,18 +161,33 @@ def run_train(work: Path, job: dict[str, Any]) -> None:
     pairs = read_pairs(work / "pairs.jsonl")
     ref = json.loads((work / "ref_logps.json").read_text())
     loss = pickle.loads((work / "loss.pkl").read_bytes())
+    callbacks = pickle.loads((work / "callbacks.pkl").read_bytes()) if (work / "callbacks.pkl").exists() else []
     enc = encode_pairs(tok, pairs, job["max_length"])
     micro, ga = job["micro_batch_size"], job["grad_accum"]
-    plan = micro_plan(enc, micro * world, job["epochs"], job["seed"])
-    total_steps = max(1, math.ceil(len(plan) / ga))
-    warm = int(job["warmup_ratio"] * total_steps)
     keys = metric_keys(loss)
 
-    note(rank, f"{world} ranks, {len(pairs)} pairs, {total_steps} steps; loading the policy")
+    note(rank, f"{world} ranks, {len(pairs)} pairs; loading the policy")
     model = load_policy(job, ds_config, torch.bfloat16 if bf16 else torch.float32)
     if job["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    engine_box: list[Any] = []
+
+    def token_logps(idx) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return gathered_token_logps(engine_box[0], enc, list(idx), tok.pad_token_id, micro, rank, world)
+
+    def grad_vector() -> torch.Tensor:
+        raise NotImplementedError("DeepSpeed ZeRO exposes the gradient only at the optimiser step, not per "
+                                  "micro-batch: gradient statistics need trainer=torch")
+
+    cbs = CallbackList(callbacks)
+    state = TrainState(pairs=pairs, enc=enc, ref_logps=ref, round_dir=Path(job["out_dir"]).parent, seed=job["seed"],
+                       batch_size=micro * world, epochs=job["epochs"], token_logps=token_logps,
+                       grad_vector=grad_vector, rank=rank, world=world)
+    state.draw_size = cbs.draw_size(state.batch_size)
+    plan = batch_plan(enc, state.draw_size, job["epochs"], job["seed"])  # TorchTrainer's very plan
+    total_steps = max(1, math.ceil(len(plan) / ga))
+    warm = int(job["warmup_ratio"] * total_steps)
 
     def schedule(opt):
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, warm, total_steps))
@@ -190,16 +199,23 @@ def run_train(work: Path, job: dict[str, Any]) -> None:
         engine, _, _, sched = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                    lr_scheduler=schedule, config=ds_config)
     engine.train()
+    engine_box.append(engine)
     note(rank, f"DeepSpeed engine ready (ZeRO-{engine.zero_optimization_stage()})")
+    note(rank, f"{total_steps} steps of {state.draw_size} drawn pairs per global micro-batch")
+    cbs.train_begin(state)  # before a DeepSpeed checkpoint is loaded: callbacks see the round's starting weights
 
     ckpt_dir = work / "ds_ckpt"
     history: list[dict[str, float]] = []
-    start_step, resumed_from = 0, None
+    start_step, resumed_from, totals = 0, None, {}
     tag = latest_tag(ckpt_dir)
     if tag is not None:
         _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
         start_step, history = int(client["step"]), list(client["history"])
+        totals = client.get("totals", {})
         torch.set_rng_state(client["torch_rng"])
+        for c, st in zip(cbs.callbacks, client.get("callbacks", [])):
+            c.__dict__.update(st)
+        state.log = client.get("callback_log", state.log)
         resumed_from = start_step
         note(rank, f"resumed from DeepSpeed checkpoint {ckpt_dir / tag} at step {start_step}")
     if rank == 0:
@@ -208,13 +224,21 @@ def run_train(work: Path, job: dict[str, Any]) -> None:
     ref_c = torch.tensor(ref["chosen"], dtype=torch.float32, device=device)
     ref_r = torch.tensor(ref["rejected"], dtype=torch.float32, device=device)
     dummy = [enc[0]]
+    trained_pairs, trained_tokens = int(totals.get("pairs", 0)), int(totals.get("tokens", 0))
     t0 = time.time()
     for step in range(start_step, total_steps):
-        group = plan[step * ga: (step + 1) * ga]
+        state.step = step
+        cbs.step_begin(state)
+        group = []
+        for m in range(step * ga, min(len(plan), (step + 1) * ga)):
+            state.epoch = epoch_of(m, len(enc), state.draw_size)
+            group.append(cbs.batch(state, plan[m]))
         n_pairs = sum(len(b) for b in group)
         sums = torch.zeros(len(keys), dtype=torch.float64, device=device)
+        step_tokens = 0
         for m in range(ga):
-            idx = shard(group[m], rank, world) if m < len(group) else []
+            batch = group[m] if m < len(group) else []
+            idx = shard(batch, rank, world)
             if idx:
                 pc, pr, nc, nr = forward(engine, [enc[i] for i in idx], tok.pad_token_id, device)
                 ix = torch.tensor(idx, device=device)
@@ -227,38 +251,48 @@ def run_train(work: Path, job: dict[str, Any]) -> None:
             else:  # ranks must run the same forwards/backwards (ZeRO collectives): a zero-weight one
                 pc, pr, _, _ = forward(engine, dummy, tok.pad_token_id, device)
                 engine.backward((pc.sum() + pr.sum()) * 0.0)
+            if batch:
+                cbs.backward_end(state, batch)
+                step_tokens += sum(len(enc[i][0].ids) + len(enc[i][1].ids) for i in batch)
             if m == ga - 1:
                 dist.all_reduce(sums)
-                vals_h = {k: float(v) / n_pairs for k, v in zip(keys, sums.tolist())}
+                vals_h = {k: float(v) / max(1, n_pairs) for k, v in zip(keys, sums.tolist())}
                 if not math.isfinite(vals_h["loss"]):
                     raise NonFiniteLossError(f"step {step}: loss={vals_h['loss']} (non-finite)")
+                extra_h = cbs.step_end(state)  # before the optimiser step, as in TorchTrainer
             engine.step()
         gnorm = engine.get_global_grad_norm()
         vals_h["grad_norm"] = float(gnorm) if gnorm is not None else float("nan")
+        vals_h.update(extra_h)
         if not math.isfinite(vals_h["grad_norm"]) or vals_h["grad_norm"] > job["max_grad_norm_abort"]:
             raise NonFiniteLossError(
                 f"step {step}: loss={vals_h['loss']}, grad_norm={vals_h['grad_norm']} (non-finite or above "
                 f"trainer.max_grad_norm_abort={job['max_grad_norm_abort']})")
         vals_h.update(step=step, lr=sched.get_last_lr()[0])
         history.append(vals_h)
+        trained_pairs += n_pairs
+        trained_tokens += step_tokens
         if rank == 0:
             with open(work / "history.jsonl", "a") as f:
                 f.write(json.dumps(vals_h) + "\n")
         every = job["checkpoint_every"]
         if every and (step + 1) % every == 0 and step + 1 < total_steps:
-            save_ds_checkpoint(engine, ckpt_dir, step + 1, history, rank)
+            save_ds_checkpoint(engine, ckpt_dir, step + 1, history, rank, cbs, state,
+                               {"pairs": trained_pairs, "tokens": trained_tokens})
 
     note(rank, "training done; saving the Hugging Face checkpoint")
-    trained_tokens = sum(len(enc[i][0].ids) + len(enc[i][1].ids) for b in plan[: total_steps * ga] for i in b)
     out = Path(job["out_dir"])
+    extra = cbs.train_end(state, history)
+    write_step_log(state, history)
     if engine.zero_optimization_stage() == 3:
         sd = engine._zero3_consolidated_16bit_state_dict()  # collective; full weights on rank 0 only
     else:
         sd = None
     if rank == 0:
         save_hf(engine.module, tok, out, state_dict=sd, source_dir=job["policy_dir"])
-        summary = {k: sum(h[k] for h in history) / len(history) for k in history[0]} if history else {}
-        summary.update(train_seconds=time.time() - t0, ranks=world, zero_stage=engine.zero_optimization_stage())
+        summary = summarize(history)
+        summary.update(extra, trained_pairs=trained_pairs, pairs_per_epoch=trained_pairs / job["epochs"],
+                       train_seconds=time.time() - t0, ranks=world, zero_stage=engine.zero_optimization_stage())
         if resumed_from is not None:
             summary["resumed_from_step"] = resumed_from
         atomic_write_text(work / "result.json", json.dumps(
@@ -267,19 +301,49 @@ def run_train(work: Path, job: dict[str, Any]) -> None:
     dist.barrier()
 
 
-def save_ds_checkpoint(engine, ckpt_dir: Path, step: int, history: list[dict[str, float]], rank: int) -> None:
-    """Save ``step<k>`` on all ranks, mark it complete once every rank is done, then drop older tags."""
+def gathered_token_logps(engine, enc: list, idx: list[int], pad_id: int, micro: int, rank: int,
+                         world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-token log-probs of ``enc[idx]`` under the current weights: each rank scores a strided shard (all
+    ranks run the same number of forwards, as ZeRO-3 needs), then every rank gets all of them in ``idx`` order."""
+    import torch.distributed as dist
+
+    mine = shard(idx, rank, world)
+    n_batches = math.ceil(math.ceil(len(idx) / world) / micro)
+    got: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for b in range(n_batches):
+        part = mine[b * micro: (b + 1) * micro]
+        rows = token_logps_of(engine, [enc[i] for i in part] or [enc[0]], pad_id)
+        got.update(zip(part, rows))
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, got)
+    merged = {i: v for p in parts for i, v in p.items()}
+    return [merged[i] for i in idx]
+
+
+def save_ds_checkpoint(engine, ckpt_dir: Path, step: int, history: list[dict[str, float]], rank: int,
+                       cbs: CallbackList, state: TrainState, totals: dict[str, int]) -> None:
+    """Save ``step<k>`` on all ranks, mark it complete once every rank is done, then drop older tags.
+
+    The callbacks' own state (a filter's RNG and counts) is saved with it, so a resumed round keeps the same pairs.
+    """
     import torch.distributed as dist
 
     tag = f"step{step}"
     engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False,
-                           client_state={"step": step, "history": history, "torch_rng": torch.get_rng_state()})
+                           client_state={"step": step, "history": history, "torch_rng": torch.get_rng_state(),
+                                         "totals": totals,
+                                         "callbacks": [_picklable_state(c) for c in cbs.callbacks],
+                                         "callback_log": state.log})
     dist.barrier()
     if rank == 0:
         atomic_write_text(ckpt_dir / COMPLETE, tag)
         for d in ckpt_dir.iterdir():
             if d.is_dir() and d.name != tag:
                 shutil.rmtree(d, ignore_errors=True)
+
+
+def _picklable_state(callback) -> dict[str, Any]:
+    return {k: v for k, v in vars(callback).items() if k not in getattr(callback, "transient", ())}
 
 
 @torch.no_grad()
@@ -320,8 +384,9 @@ def run_logps(work: Path, job: dict[str, Any]) -> None:
     dist.all_gather_object(parts, got)
     if rank == 0:
         merged = {i: v for p in parts for i, v in p.items()}
-        out = {name: [merged[i][j] for i in range(len(enc))]
-               for j, name in enumerate(("chosen", "rejected", "chosen_tokens", "rejected_tokens"))}
+        out: dict[str, Any] = {name: [merged[i][j] for i in range(len(enc))]
+                               for j, name in enumerate(("chosen", "rejected", "chosen_tokens", "rejected_tokens"))}
+        out["forward_tokens"] = sum(len(c.ids) + len(r.ids) for c, r in enc)
         atomic_write_text(work / "logps.json", json.dumps(out))
     dist.barrier()
 

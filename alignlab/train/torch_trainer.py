@@ -19,7 +19,8 @@ from alignlab.losses import PairLogps
 from alignlab.models import load_model, load_tokenizer
 from alignlab.records import Pair
 from alignlab.train import NonFiniteLossError, TrainResult
-from alignlab.train.batching import Encoded, collate, encode, response_logps
+from alignlab.train.batching import Encoded, collate, encode, response_logps, token_logps_of
+from alignlab.train.callbacks import CallbackList, GradStats, TrainerCallback, TrainState, write_step_log
 
 
 def encode_pairs(tok, pairs: list[Pair], max_len: int) -> list[tuple[Encoded, Encoded]]:
@@ -39,6 +40,21 @@ def length_buckets(enc: list[tuple[Encoded, Encoded]], batch_size: int, rng: ran
     return batches
 
 
+def batch_plan(enc: list[tuple[Encoded, Encoded]], draw_size: int, epochs: int, seed: int) -> list[list[int]]:
+    """Every trainer's global micro-batches, in order: ``epochs`` passes of :func:`length_buckets` from one RNG.
+
+    ``trainer=torch`` trains each whole; ``trainer=deepspeed_*`` gives each rank a strided shard of it, so
+    both see the same pairs in the same steps (and, with the same schedule, the same losses).
+    """
+    rng = random.Random(seed)
+    return [b for _ in range(epochs) for b in length_buckets(enc, draw_size, rng)]
+
+
+def epoch_of(micro_index: int, n_pairs: int, draw_size: int) -> int:
+    """Which pass over the pairs a global micro-batch belongs to (each pass is ceil(n / draw) micro-batches)."""
+    return micro_index // max(1, math.ceil(n_pairs / draw_size))
+
+
 def pair_forward(model, items: list[tuple[Encoded, Encoded]], pad_id: int) -> tuple[torch.Tensor, ...]:
     """One forward over [chosen..., rejected...]: summed log-probs and token counts of both."""
     ids, attn, tmask = collate([c for c, _ in items] + [r for _, r in items], pad_id)
@@ -49,8 +65,9 @@ def pair_forward(model, items: list[tuple[Encoded, Encoded]], pad_id: int) -> tu
 
 @torch.no_grad()
 def reference_logps(model_dir: str | Path, pairs: list[Pair], max_len: int = 1024, batch_size: int = 64,
-                    dtype: torch.dtype = torch.float32) -> dict[str, list[float]]:
-    """Summed log-probs of chosen and rejected under a (frozen) model, computed once per round."""
+                    dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Summed log-probs of chosen and rejected under a (frozen) model in this process, and ``forward_tokens``
+    (every token through the model, prompts included). ``trainer=torch``'s :meth:`TorchTrainer.logps`."""
     model = load_model(model_dir, dtype=dtype).eval()
     tok = load_tokenizer(model_dir)
     enc = encode_pairs(tok, pairs, max_len)
@@ -62,7 +79,7 @@ def reference_logps(model_dir: str | Path, pairs: list[Pair], max_len: int = 102
         for k, i in enumerate(idx):
             out["chosen"][i], out["rejected"][i] = float(c[k]), float(r[k])
             out["chosen_tokens"][i], out["rejected_tokens"][i] = int(nc[k]), int(nr[k])
-    return out
+    return {**out, "forward_tokens": sum(len(c.ids) + len(r.ids) for c, r in enc)}
 
 
 class TorchTrainer:
@@ -71,7 +88,7 @@ class TorchTrainer:
     def __init__(self, lr: float = 1e-4, epochs: int = 2, batch_size: int = 16, grad_accum: int = 1,
                  max_grad_norm: float = 1.0, warmup_ratio: float = 0.1, weight_decay: float = 0.0,
                  max_length: int = 1024, max_grad_norm_abort: float = 1e6, log_every: int = 10,
-                 device: str = "auto", step_hook: Any = None) -> None:
+                 device: str = "auto", grad_stats: bool = False) -> None:
         for k, v in {"lr": lr, "epochs": epochs, "batch_size": batch_size, "grad_accum": grad_accum,
                      "max_length": max_length}.items():
             if v <= 0:
@@ -82,53 +99,74 @@ class TorchTrainer:
         self.max_grad_norm, self.warmup_ratio, self.weight_decay = max_grad_norm, warmup_ratio, weight_decay
         self.max_length, self.max_grad_norm_abort, self.log_every = max_length, max_grad_norm_abort, log_every
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        self.step_hook = step_hook  # optional per-step hook, e.g. SAGE's batch filter (alignlab/select/sage.py)
+        self.grad_stats = grad_stats  # adds the GradStats callback (a flat gradient copy per micro-batch)
+
+    def world_size(self) -> int:
+        """Processes that compute this trainer's forwards: one."""
+        return 1
+
+    def logps(self, model_dir: str | Path, pairs: list[Pair], workdir: str | Path | None = None) -> dict[str, Any]:
+        """Summed chosen/rejected log-probs under ``model_dir`` (reference, scoring), in this process."""
+        return reference_logps(model_dir, pairs, max_len=self.max_length)
 
     def train(self, policy_dir: str | Path, pairs: list[Pair], ref_logps: dict[str, list[float]], loss,
-              out_dir: str | Path, seed: int, logger=None) -> TrainResult:
+              out_dir: str | Path, seed: int, logger=None,
+              callbacks: list[TrainerCallback] | None = None) -> TrainResult:
         torch.manual_seed(seed)
-        rng = random.Random(seed)
         model = load_model(policy_dir, device=self.device).train()
         tok = load_tokenizer(policy_dir)
         enc = encode_pairs(tok, pairs, self.max_length)
         ref_c = torch.tensor(ref_logps["chosen"], dtype=torch.float32)
         ref_r = torch.tensor(ref_logps["rejected"], dtype=torch.float32)
-        hook = self.step_hook
-        bs = hook.begin(model=model, tok=tok, pairs=pairs, enc=enc, ref_logps=ref_logps, out_dir=Path(out_dir),
-                        batch_size=self.batch_size, seed=seed) if hook else self.batch_size
-        micro = [b for _ in range(self.epochs) for b in length_buckets(enc, bs, rng)]
+        params = [p for p in model.parameters() if p.requires_grad]
+        cbs = CallbackList([*(callbacks or []), *([GradStats()] if self.grad_stats else [])])
+        state = TrainState(
+            pairs=pairs, enc=enc, ref_logps=ref_logps, round_dir=Path(out_dir).parent, seed=seed,
+            batch_size=self.batch_size, epochs=self.epochs,
+            token_logps=lambda idx: token_logps_of(model, [enc[i] for i in idx], tok.pad_token_id),
+            grad_vector=lambda: torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach()
+                                           .reshape(-1).float() for p in params]))
+        state.draw_size = cbs.draw_size(self.batch_size)
+        cbs.train_begin(state)
+        micro = batch_plan(enc, state.draw_size, self.epochs, seed)
         total_steps = max(1, math.ceil(len(micro) / self.grad_accum))
         opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         warm = int(self.warmup_ratio * total_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, warm, total_steps))
         history: list[dict[str, float]] = []
-        trained_tokens, t0 = 0, time.time()
+        trained_tokens, trained_pairs, t0 = 0, 0, time.time()
         for step in progress(range(total_steps), desc="train", unit="step"):
-            group = micro[step * self.grad_accum: (step + 1) * self.grad_accum]
-            group = [hook.filter(idx) for idx in group] if hook else group
+            state.step = step
+            cbs.step_begin(state)
+            group = []
+            for m in range(step * self.grad_accum, min(len(micro), (step + 1) * self.grad_accum)):
+                state.epoch = epoch_of(m, len(enc), state.draw_size)
+                group.append(cbs.batch(state, micro[m]))
             n_pairs = sum(len(b) for b in group)
             sums: dict[str, torch.Tensor] = {}
             for idx in group:
+                if not idx:
+                    continue
                 items = [enc[i] for i in idx]
                 pc, pr, nc, nr = pair_forward(model, items, tok.pad_token_id)
                 ix = torch.tensor(idx)
                 lp = PairLogps(pc, pr, ref_c[ix], ref_r[ix], nc, nr)
                 losses, metrics = loss(lp)
                 (losses.sum() / n_pairs).backward()
-                if hook:
-                    hook.after_backward(model)
+                cbs.backward_end(state, idx)
                 trained_tokens += sum(len(c.ids) + len(r.ids) for c, r in items)
+                trained_pairs += len(idx)
                 metrics = {"loss": losses.detach(), **metrics}
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0) + v.detach().float().sum()
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.max_grad_norm)
-            vals = {k: float(v) / n_pairs for k, v in sums.items()}  # the one host sync of the step
+            vals = {k: float(v) / max(1, n_pairs) for k, v in sums.items()}  # the one host sync of the step
             vals["grad_norm"] = float(gnorm)
-            vals.update(hook.end_step() if hook else {})
-            if not math.isfinite(vals["loss"]) or not math.isfinite(vals["grad_norm"]) \
+            vals.update(cbs.step_end(state))
+            if not math.isfinite(vals.get("loss", 0.0)) or not math.isfinite(vals["grad_norm"]) \
                     or vals["grad_norm"] > self.max_grad_norm_abort:
                 raise NonFiniteLossError(
-                    f"step {step}: loss={vals['loss']}, grad_norm={vals['grad_norm']} (non-finite or above "
+                    f"step {step}: loss={vals.get('loss')}, grad_norm={vals['grad_norm']} (non-finite or above "
                     f"trainer.max_grad_norm_abort={self.max_grad_norm_abort}). The round was stopped before saving; "
                     f"the previous checkpoint is intact. Lower trainer.lr or loss.beta, then rerun with resume=true.")
             opt.step()
@@ -139,12 +177,19 @@ class TorchTrainer:
             if logger is not None and (step % self.log_every == 0 or step == total_steps - 1):
                 logger.log({f"train/{k}": v for k, v in vals.items()})
         out = Path(out_dir)
-        extra = hook.end(history) if hook else {}  # run totals, e.g. SAGE's scoring forward tokens
+        extra = cbs.train_end(state, history)  # run totals, e.g. SAGE's scoring forward tokens
+        write_step_log(state, history)
         save_checkpoint(model, tok, out, source_dir=policy_dir)
-        keys = dict.fromkeys(k for h in history for k in h)  # a hook may report some keys on some steps only
-        summary = {k: sum(v) / len(v) for k in keys for v in [[h[k] for h in history if k in h]]}
-        summary.update(extra or {}, train_seconds=time.time() - t0)
+        summary = summarize(history)
+        summary.update(extra, trained_pairs=trained_pairs, pairs_per_epoch=trained_pairs / self.epochs,
+                       train_seconds=time.time() - t0)
         return TrainResult(steps=total_steps, trained_tokens=trained_tokens, history=history, summary=summary)
+
+
+def summarize(history: list[dict[str, float]]) -> dict[str, float]:
+    """Mean of each metric over the steps that report it (a callback may report some keys on some steps only)."""
+    keys = dict.fromkeys(k for h in history for k in h)
+    return {k: sum(v) / len(v) for k in keys for v in [[h[k] for h in history if k in h]]}
 
 
 def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
