@@ -11,7 +11,6 @@ the validation pass.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import inspect
 import typing
 from dataclasses import dataclass, field
@@ -26,9 +25,7 @@ GROUPS = ("model", "data", "generation", "sampler", "verifier", "pair_builder", 
           "trainer", "eval", "logger")
 
 
-class PairsFormat(enum.Enum):
-    standard = "standard"
-    conversational = "conversational"
+PAIRS_FORMATS = ("standard", "conversational")
 
 
 @dataclass
@@ -56,7 +53,7 @@ class RunSchema:
     stage: str | None = None  # "sft_base" runs the warm-start script instead of rounds
     # standard: round_k/pairs.jsonl (prompt/chosen/rejected strings, TRL's standard format) only; conversational:
     # also round_k/pairs.conversational.jsonl, prompt and answers as chat messages (TRL's conversational format)
-    pairs_format: PairsFormat = PairsFormat.standard
+    pairs_format: str = "standard"
     sft_base: Any = None
 
 
@@ -136,6 +133,8 @@ def validate_top(cfg: DictConfig) -> None:
         raise ConfigError(f"rounds must be >= 0, got {cfg.rounds}")
     if cfg.threads < 0:
         raise ConfigError(f"threads must be >= 0, got {cfg.threads}")
+    if cfg.get("pairs_format", "standard") not in PAIRS_FORMATS:
+        raise ConfigError(f"pairs_format must be one of {', '.join(PAIRS_FORMATS)}, got {cfg.pairs_format!r}")
 
 
 def choices_of(hydra_cfg: Any) -> dict[str, str]:

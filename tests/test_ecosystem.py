@@ -170,3 +170,57 @@ def test_a_missing_local_model_dir_fails_fast_saying_how_to_download_it(tmp_path
     out = res.stdout + res.stderr
     assert res.returncode == 2 and time.time() - t0 < 10, out[-2000:]
     assert f"huggingface-cli download <org/name> --local-dir {tmp_path / 'nowhere'}" in out
+
+
+# -- W&B -------------------------------------------------------------------------------------------------------
+
+def _wandb_records(path: Path):
+    """The records of an offline W&B run file (LevelDB log format: 32 KiB blocks of crc/len/type chunks)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, buf = path.read_bytes(), 7, b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        _crc, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if left < 7 or (n == 0 and kind == 0):  # block trailer / padding
+            pos += left
+            continue
+        buf, pos = buf + data[pos + 7: pos + 7 + n], pos + 7 + n
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            buf = b""
+            yield rec
+
+
+def test_a_killed_and_resumed_run_logs_to_one_wandb_run_with_a_round_axis(tmp_path):
+    from alignlab.logging import run_id
+    from tests.conftest import kill_group, launch
+
+    run = tmp_path / "run"
+    args = [*[a for a in TINY_RUN if a != "logger=none"], "logger=wandb", "rounds=2", f"hydra.run.dir={run}"]
+    proc = launch(*args, env={"WANDB_MODE": "offline"})
+    deadline = time.time() + 300
+    while not (run / "round_2" / "prompts.jsonl").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    kill_group(proc)
+    assert not (run / "summary.json").exists(), "the run finished before it could be killed"
+    alignlab(*args, "resume=true", env={"WANDB_MODE": "offline"})
+    dirs = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(dirs) == 2, dirs  # the killed run and its resumption: offline-run-<time>-<run id>
+    assert {d.name.split("-", 3)[3] for d in dirs} == {run_id(run)}
+    # the killed process's records may never reach its file (W&B's writer died with it); the resumed one's do
+    records = [list(_wandb_records(f)) for f in sorted(dirs[-1].glob("*.wandb"))]
+    assert {r.run.run_id for recs in records for r in recs if r.WhichOneof("record_type") == "run"} == {run_id(run)}
+    metrics = {(r.metric.name or r.metric.glob_name, r.metric.step_metric) for r in records[-1]
+               if r.WhichOneof("record_type") == "metric"}
+    assert {("eval/*", "round"), ("ledger/*", "round"), ("train/*", "train/global_step")} <= metrics
+    rounds = [json.loads(i.value_json) for recs in records for r in recs if r.WhichOneof("record_type") == "history"
+              for i in r.history.item if (i.key or "/".join(i.nested_key)) == "round"]
+    assert rounds == [0, 1, 2]  # base and round 1 (done before the kill, logged again), round 2 (after)
+    train_keys = {i.key or "/".join(i.nested_key) for recs in records for r in recs
+                  if r.WhichOneof("record_type") == "history" for i in r.history.item}
+    assert {"train/rewards/margins", "train/rewards/accuracies"} <= train_keys  # TRL's names
