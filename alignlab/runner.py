@@ -21,8 +21,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from alignlab import config as C
-from alignlab.ledger import LEDGER_KEYS
-from alignlab.models import ModelSpec, count_params, load_tokenizer
+from alignlab.ledger import LEDGER_KEYS as REPORTED_KEYS
+from alignlab.models import ModelSpec, checkpoint_params, load_tokenizer
 from alignlab.pairs import group_by_problem
 from alignlab.records import (
     RESUMED_IN,
@@ -39,6 +39,8 @@ from alignlab.records import (
 from alignlab.sampling import SampleContext
 
 log = logging.getLogger("alignlab")
+# forward_tokens: every token through a model (prompts included); trained_pairs: pair instances trained on
+LEDGER_KEYS = (*REPORTED_KEYS, "forward_tokens", "trained_pairs")
 
 
 def build_components(cfg: DictConfig, choices: dict[str, str]) -> dict[str, Any]:
@@ -73,6 +75,7 @@ class Ledger:
             for k in LEDGER_KEYS:
                 tot[k] += cost.get(k, 0.0)
         out: dict[str, Any] = {k: (int(v) if k not in ("flops", "wall_s") else float(v)) for k, v in tot.items()}
+        out["ranks"] = {s: int(c["ranks"]) for s, c in self.stages.items() if "ranks" in c}
         out["stage_wall_s"] = {s: round(c.get("wall_s", 0.0), 3) for s, c in self.stages.items()}
         return out
 
@@ -199,9 +202,9 @@ def _rounds(cfg, out_dir, spec, data, gen, sampler, verifier, pair_builder, sele
     base_dir = str(spec.directory)
     tok = load_tokenizer(base_dir)
     heldout = data.heldout()
-    from alignlab.models import load_model
-
-    n_params = count_params(load_model(base_dir, dtype=spec.torch_dtype))
+    n_params = checkpoint_params(base_dir)  # from the safetensors headers: the runner loads no weights
+    gen = on_the_ranks(gen, trainer, out_dir)
+    gen = MeteredGenerator(gen, tok)
     summary: dict[str, Any] = {"experiment": cfg.experiment_name, "seed": int(cfg.seed), "params": n_params,
                                "model": base_dir, "rounds": []}
     if cfg.base_eval:
@@ -214,15 +217,18 @@ def _rounds(cfg, out_dir, spec, data, gen, sampler, verifier, pair_builder, sele
         rd = out_dir / f"round_{k}"
         rd.mkdir(exist_ok=True)
         ledger = Ledger(rd / "ledger.json")
-        ctx = SampleContext(start_dir, gen, spec, tok, verifier, seed=int(cfg.seed) * 1_000_003 + k, base_dir=base_dir)
+        ctx = SampleContext(start_dir, gen, spec, tok, verifier, seed=int(cfg.seed) * 1_000_003 + k, base_dir=base_dir,
+                            logps=lambda d, ps, rd=rd: trainer.logps(d, ps, workdir=rd))
         problems = jsonl_stage(rd / "prompts.jsonl", Problem, ledger, "prompts",
                                lambda: (data.train(k), {}))
         gold = {p.id: p.answer for p in problems}
 
         def do_sample():
+            gen.forward_tokens = 0
             rs = sampler.sample(problems, ctx)
             return rs, {"prompts": len(problems), "samples": len(rs), "generated_tokens": sum(r.tokens for r in rs),
-                        "flops": 2.0 * n_params * sum(r.tokens for r in rs)}
+                        "forward_tokens": gen.forward_tokens, "flops": 2.0 * n_params * gen.forward_tokens,
+                        "ranks": getattr(gen, "ranks", 1)}
 
         rollouts = jsonl_stage(rd / "rollouts.jsonl", Rollout, ledger, "sample", do_sample)
 
@@ -244,8 +250,13 @@ def _rounds(cfg, out_dir, spec, data, gen, sampler, verifier, pair_builder, sele
             write_jsonl(rd / "pairs.conversational.jsonl", [conversational_pair(p, messages[p.problem_id]) for p in pairs])
         chain = [base_dir] + [str(out_dir / f"round_{j}" / "checkpoint") for j in range(1, k)]
         scorer = make_scorer(reference, chain, rd, trainer)
-        selected = jsonl_stage(rd / "selected.jsonl", Selected, ledger, "select",
-                               lambda: (selector.select(pairs, seed=int(cfg.seed) + k, scorer=scorer), {}))
+
+        def do_select():
+            chosen = selector.select(pairs, seed=int(cfg.seed) + k, scorer=scorer)
+            return chosen, ({"forward_tokens": scorer.forward_tokens, "flops": 2.0 * n_params * scorer.forward_tokens,
+                             "ranks": trainer.world_size()} if scorer.forward_tokens else {})
+
+        selected = jsonl_stage(rd / "selected.jsonl", Selected, ledger, "select", do_select)
         train_pairs = [s.pair for s in selected]
         ckpt = rd / "checkpoint"
         # train.json is written last: a checkpoint without it (killed in between) is trained again
@@ -255,7 +266,7 @@ def _rounds(cfg, out_dir, spec, data, gen, sampler, verifier, pair_builder, sele
             t0 = time.time()
             if train_pairs:
                 res = trainer.train(start_dir, train_pairs, ref, loss, ckpt, seed=int(cfg.seed) * 7919 + k,
-                                    logger=logger)
+                                    logger=logger, callbacks=selector_callbacks(selector))
                 train_info = {"steps": res.steps, "trained_tokens": res.trained_tokens, **res.summary}
             else:
                 log.warning("round %d: no pairs to train on; the policy is carried over unchanged", k)
@@ -263,9 +274,13 @@ def _rounds(cfg, out_dir, spec, data, gen, sampler, verifier, pair_builder, sele
                 shutil.copytree(start_dir, rd / "checkpoint.tmp")
                 shutil.rmtree(ckpt, ignore_errors=True)
                 (rd / "checkpoint.tmp").rename(ckpt)
-                train_info = {"steps": 0, "trained_tokens": 0}
+                train_info = {"steps": 0, "trained_tokens": 0, "trained_pairs": 0, "pairs_per_epoch": 0}
+            scored = int(train_info.get("score_forward_tokens", 0))  # an in-step filter's no-grad forwards
             ledger.record("train", wall_s=time.time() - t0, trained_tokens=train_info["trained_tokens"],
-                          flops=6.0 * n_params * train_info["trained_tokens"])
+                          trained_pairs=int(train_info.get("trained_pairs", 0)),
+                          forward_tokens=train_info["trained_tokens"] + scored,
+                          flops=6.0 * n_params * train_info["trained_tokens"] + 2.0 * n_params * scored,
+                          ranks=trainer.world_size())
             atomic_write_text(rd / "train.json", json.dumps(train_info, indent=1))
             log.info("%s train: %d pairs, %d steps, %d tokens in %.1f s", rd.name, len(train_pairs),
                      train_info["steps"], train_info["trained_tokens"], time.time() - t0)
@@ -274,17 +289,19 @@ def _rounds(cfg, out_dir, spec, data, gen, sampler, verifier, pair_builder, sele
         diag = rollout_diagnostics(problems, verdicts)
         chosen_true = [p.meta.get("chosen_true") for p in train_pairs]
         fp = [c is False for c in chosen_true if c is not None]
-        entry = {"round": k, "eval": ev, "pairs": len(pairs), "selected": len(selected), "ledger": ledger.totals(),
+        # the pairs actually trained on, per epoch (an in-step filter keeps a share of each candidate batch)
+        n_selected = round(train_info["pairs_per_epoch"]) if "pairs_per_epoch" in train_info else len(selected)
+        entry = {"round": k, "eval": ev, "pairs": len(pairs), "selected": n_selected, "ledger": ledger.totals(),
                  "diagnostics": diag, "train": train_info,
                  "chosen_false_positive_rate": (sum(fp) / len(fp)) if fp else 0.0}
         atomic_write_text(rd / "metrics.json", json.dumps(entry, indent=1))
         summary["rounds"].append(entry)
-        logger.log({"round": k, "eval/accuracy": ev["accuracy"], "pairs": len(pairs), "selected": len(selected),
+        logger.log({"round": k, "eval/accuracy": ev["accuracy"], "pairs": len(pairs), "selected": n_selected,
                     **{f"ledger/{a}": b for a, b in entry["ledger"].items() if a in LEDGER_KEYS},
                     **{f"diag/{a}": b for a, b in diag.items()},
                     **{f"train_round/{a}": b for a, b in train_info.items() if isinstance(b, (int, float))}})
         log.info("round %d: accuracy %.3f ± %.3f, pairs %d, selected %d", k, ev["accuracy"], ev["se"], len(pairs),
-                 len(selected))
+                 n_selected)
         start_dir = str(ckpt)
     summary["final_accuracy"] = summary["rounds"][-1]["eval"]["accuracy"] if summary["rounds"] else None
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1))
@@ -293,28 +310,69 @@ def _rounds(cfg, out_dir, spec, data, gen, sampler, verifier, pair_builder, sele
     return summary
 
 
+def on_the_ranks(gen, trainer, out_dir: Path):
+    """Generation runs where the weights live: on the trainer's ranks when it launches ranks (and the generator
+    can shard its batches), else in this process."""
+    from alignlab.generation.ranks import RankGenerator, shardable
+
+    if hasattr(trainer, "run_on_ranks") and shardable(gen):
+        return RankGenerator(gen, trainer, out_dir / ".generate")
+    return gen
+
+
+class MeteredGenerator:
+    """Counts ``forward_tokens`` of every generate call (each prompt once, as its KV cache is shared by its
+    samples, plus every generated token) for the ledger; otherwise the wrapped generator."""
+
+    def __init__(self, inner, tok) -> None:
+        self.inner, self.tok, self.forward_tokens = inner, tok, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["inner"], name)
+
+    def generate(self, model_dir, prompts, n, seed, greedy=False):
+        outs = self.inner.generate(model_dir, prompts, n, seed, greedy=greedy)
+        self.forward_tokens += sum(len(self.tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+        self.forward_tokens += sum(s.tokens for o in outs for s in o)
+        return outs
+
+    def release(self) -> None:
+        self.inner.release()
+
+
+def selector_callbacks(selector) -> list:
+    """The trainer callbacks a selector runs in-step (SAGE's per-step filter); none for most selectors."""
+    return list(selector.callbacks()) if hasattr(selector, "callbacks") else []
+
+
 def make_scorer(reference, chain: list[str], rd: Path, trainer):
-    """Per-pair policy (this round's start) and reference log-probs, for score-based selectors."""
+    """Per-pair policy (this round's start) and reference log-probs, for score-based selectors, computed by the
+    trainer (on its ranks under DeepSpeed). ``scorer.forward_tokens`` counts what it ran, for the ledger."""
 
     def scorer(pairs: list[Pair]) -> dict[str, list[float]]:
-        from alignlab.train.torch_trainer import reference_logps
+        pol = trainer.logps(chain[-1], pairs, workdir=rd)
+        scorer.forward_tokens += int(pol.get("forward_tokens", 0))
 
-        max_len = getattr(trainer, "max_length", 1024)
-        pol = reference_logps(chain[-1], pairs, max_len=max_len)
-        ref = reference.logps(chain, lambda d: pol if d == chain[-1] else reference_logps(d, pairs, max_len=max_len),
-                              rd)
+        def logps_of(d: str) -> dict[str, Any]:
+            if d == chain[-1]:
+                return pol
+            res = trainer.logps(d, pairs, workdir=rd)
+            scorer.forward_tokens += int(res.get("forward_tokens", 0))
+            return res
+
+        ref = reference.logps(chain, logps_of, rd)
         return {"policy_chosen": pol["chosen"], "policy_rejected": pol["rejected"], "ref_chosen": ref["chosen"],
                 "ref_rejected": ref["rejected"], "chosen_tokens": pol["chosen_tokens"],
                 "rejected_tokens": pol["rejected_tokens"]}
 
+    scorer.forward_tokens = 0  # type: ignore[attr-defined]
     return scorer
 
 
 def _reference_logps(rd: Path, ledger: Ledger, reference, chain: list[str], pairs: list[Pair], trainer,
                      n_params: int) -> dict[str, list[float]]:
-    """Reference log-probs once per round, cached on disk by hash(reference checkpoint, pairs)."""
-    from alignlab.train.torch_trainer import reference_logps
-
+    """Reference log-probs once per round, computed by the trainer (on its ranks under DeepSpeed) and cached on
+    disk by hash(reference checkpoint, pairs)."""
     pk = pairs_key(pairs)
     forward_tokens = 0
 
@@ -324,15 +382,16 @@ def _reference_logps(rd: Path, ledger: Ledger, reference, chain: list[str], pair
         if path.exists():
             res = json.loads(path.read_text())
         else:
-            res = reference_logps(model_dir, pairs, max_len=getattr(trainer, "max_length", 1024))
+            res = trainer.logps(model_dir, pairs, workdir=rd)
             atomic_write_text(path, json.dumps(res))
         # a cache hit only happens on resume: count it as the uninterrupted run did, so the ledger is the same
-        forward_tokens += int(sum(res["chosen_tokens"]) + sum(res["rejected_tokens"]))
+        forward_tokens += int(res.get("forward_tokens", sum(res["chosen_tokens"]) + sum(res["rejected_tokens"])))
         return res
 
     t0 = time.time()
     out = reference.logps(chain, logps_of, rd) if pairs else {"chosen": [], "rejected": []}
-    ledger.record("reference", wall_s=time.time() - t0, flops=2.0 * n_params * forward_tokens)
+    ledger.record("reference", wall_s=time.time() - t0, forward_tokens=forward_tokens,
+                  flops=2.0 * n_params * forward_tokens, ranks=trainer.world_size())
     log.info("%s reference: %d pairs, %d tokens in %.1f s", rd.name, len(pairs), forward_tokens, time.time() - t0)
     return out
 
