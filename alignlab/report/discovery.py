@@ -152,9 +152,12 @@ def parse_overrides(lines: Iterable[Any]) -> dict[str, str]:
     return out
 
 
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when built in: hydra.yaml is ~200 lines a run
+
+
 def _load_yaml(path: Path) -> Any:
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.load(path.read_text(), Loader=_SAFE_LOADER)
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
 
