@@ -67,7 +67,7 @@ def rounds_frame(runs: Sequence[Run]) -> pd.DataFrame:
         for rd in r.rounds:
             ev, ledger = as_dict(rd.get("eval")), as_dict(rd.get("ledger"))
             more = {k: v for k, v in ledger.items()
-                    if k not in LEDGER_KEYS and isinstance(v, int | float) and not isinstance(v, bool)}
+                    if k not in ROUND_COLUMNS and isinstance(v, int | float) and not isinstance(v, bool)}
             extra |= dict.fromkeys(more)
             row = {"run": i, "round": rd.get("round"), "accuracy": ev.get("accuracy"), "se": ev.get("se"),
                    "n": ev.get("n"), "pairs": rd.get("pairs"), "selected": rd.get("selected"),
