@@ -1,6 +1,6 @@
 """The compute ledger's per-round fields, shared by the runner that writes them and the report that sums them.
 
-DESIGN.md, "Compute ledger": every stage adds its cost to a per-round ledger; these are the fields a round's
+README.md, "Compute ledger": every stage adds its cost to a per-round ledger; these are the fields a round's
 ``ledger`` entry in ``summary.json`` carries (``flops`` and ``wall_s`` as floats, the rest as counts).
 """
 

@@ -1,5 +1,5 @@
-"""Sampling and reference dynamics lab: tabular MRS-IPO / MRS-DPO over K responses (arXiv 2602.12180, notes in
-/work/shared/papers/ipo_dynamics.md).
+"""Sampling and reference dynamics lab: tabular MRS-IPO / MRS-DPO over K responses (after
+"How Sampling Shapes LLM Alignment: From One-Shot Optima to Iterative Dynamics" (arXiv 2602.12180)).
 
 - ``matrices``: preference matrices (3-cycle, strongly transitive, Bradley-Terry, HelpSteer-like) and classifiers.
 - ``oneshot``: closed-form IPO optimum under any sampler, implicit DPO optimum, instance-dependent samplers.

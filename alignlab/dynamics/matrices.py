@@ -1,6 +1,6 @@
 """Preference matrices P (P_ij = Pr(i beats j)) for the tabular simulators, and their classification.
 
-Generators follow §6 of ``/work/shared/papers/ipo_dynamics.md``: the 3-cycle ``P = 1/2 + aS`` (the
+Generators follow the paper's experiments (arXiv 2602.12180, "How Sampling Shapes LLM Alignment"): the 3-cycle ``P = 1/2 + aS`` (the
 parametrisation that reproduces the stated oscillation threshold), near-deterministic strongly
 transitive matrices, Bradley-Terry, and HelpSteer-like random matrices built from integer scores.
 """

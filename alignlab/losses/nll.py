@@ -53,7 +53,7 @@ class RPOLoss(DPOLoss):
 class PaceProximalLoss(RPOLoss):
     """Loss for PACE's proximal update: DPO on (corrected, failed) pairs, NLL anchor off by default.
 
-    The paper's exact proximal loss was not recoverable (shared/papers/pace.md), so this is DPO with an optional NLL
+    The paper's exact proximal loss is not public (PACE, arXiv 2602.05370: only its abstract), so this is DPO with an optional NLL
     term; "proximal" comes from the reference (the current round's policy), which the trainer chooses, not the loss.
     """
 

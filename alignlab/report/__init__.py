@@ -1,6 +1,6 @@
 """`alignlab report`: turn a pile of run directories into tables and plots.
 
-Every run writes ``summary.json`` (contract in DESIGN.md) next to Hydra's ``.hydra/``. The steps are separate
+Every run writes ``summary.json`` (contract in README.md, "What a run writes") next to Hydra's ``.hydra/``. The steps are separate
 modules: ``discovery`` finds runs below any number of directories and marks the ones that failed or are
 malformed; ``aggregate`` groups runs by what was overridden (ignoring ``seed`` and ``hydra.*``) and averages over
 seeds with pandas; ``paired`` adds differences to a baseline over shared seeds with confidence intervals;

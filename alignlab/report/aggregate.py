@@ -1,7 +1,7 @@
 """Runs -> tables (pandas): one row per run per round, then mean ± SE over the seeds of each configuration.
 
 `rounds_frame` is the single table behind both outputs: report.csv writes it as is, and `aggregate` groups its
-ok rows by configuration. Ledger fields are per-round costs (DESIGN.md, "Compute ledger"); a run's compute is
+ok rows by configuration. Ledger fields are per-round costs (README.md, "Compute ledger"); a run's compute is
 their sum over rounds, so the frontier plots compare final accuracy against total compute spent.
 """
 

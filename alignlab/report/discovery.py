@@ -1,6 +1,6 @@
 """Find run directories and decide, per run, whether its ``summary.json`` can be averaged in.
 
-A run is any directory holding ``summary.json`` (contract in DESIGN.md) or a Hydra job's ``.hydra/``. Each one
+A run is any directory holding ``summary.json`` (contract in README.md, "What a run writes") or a Hydra job's ``.hydra/``. Each one
 becomes a :class:`Run` marked ``ok`` or with a status and a one-line reason; a bad run is listed by the report,
 never averaged in and never fatal.
 """

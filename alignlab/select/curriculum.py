@@ -1,7 +1,7 @@
 """Coarse-grained SAGE curriculum: difficulty buckets from pass rates, stage proportions, competence.
 
 Pools are refreshed on-policy every round (each round samples fresh), so the curriculum only has to
-decide *how the kept pairs are spread over difficulty*. Defaults follow docs/papers/sage.md §8:
+decide *how the kept pairs are spread over difficulty*. Defaults (SAGE, arXiv 2602.01207; inferred, the paper's values are not public):
 easy p >= 0.75, medium 0.25 <= p < 0.75, hard p < 0.25; stages 0.5/0.4/0.1 -> 0.2/0.5/0.3 -> 0.1/0.4/0.5.
 
 Competence is the mean pass rate of the round's pool (each paired prompt counted once; prompts solved

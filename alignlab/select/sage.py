@@ -1,4 +1,5 @@
-"""``selector=sage``: stability-aware pair selection (SAGE, docs: papers/sage.md §3-§4, §9-§10).
+"""``selector=sage``: stability-aware pair selection (SAGE, arXiv 2602.01207, "Not All
+Preferences Are Created Equal: Stability-Aware and Gradient-Efficient Alignment for Reasoning Models").
 
 Each pair gets a forward-pass score from its DPO margin z = beta * h (h = chosen minus rejected
 log-ratio, summed or length-normalised) and, for the stability-aware form, from how uncertain that

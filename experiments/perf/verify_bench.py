@@ -154,6 +154,17 @@ def workloads(golds: list[str], others: list[str], n: int, seed: int) -> dict[st
     return out
 
 
+def repo_relative(arg: str) -> str:
+    """A command-line argument with a path inside the repository made relative, so a results file names no machine."""
+    key, eq, value = arg.rpartition("=") if arg.startswith("--") and "=" in arg else ("", "", arg)
+    if Path(value).is_absolute():
+        try:
+            value = str(Path(value).resolve().relative_to(REPO.resolve()))
+        except ValueError:
+            pass
+    return key + eq + value
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default=str(REPO.parent / "shared" / "data" / "benchmarks"))
@@ -166,7 +177,7 @@ def main() -> None:
     logging.disable(logging.WARNING)  # raw math-verify warns on every unparsable string
 
     results: dict = {
-        "command": "python experiments/perf/verify_bench.py " + " ".join(sys.argv[1:]),
+        "command": "python experiments/perf/verify_bench.py " + " ".join(map(repo_relative, sys.argv[1:])),
         "machine": {
             "cpus": os.cpu_count(),
             "loadavg_at_start": os.getloadavg(),
