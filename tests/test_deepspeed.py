@@ -221,3 +221,105 @@ def test_config_group_builds_and_fills_auto_values():
             bad = compose("config", overrides=[f"trainer={name}", "trainer.deepspeed.zero_optimization.stage=5"])
             with pytest.raises(ConfigError, match=f"trainer: .*stage.*conf/trainer/{name}.yaml"):
                 C.build("trainer", bad.trainer, {"trainer": name})
+
+
+# ------------------------------------------------------------------ the round runner with DeepSpeed ranks
+
+ROUND = ["data.train_prompts=12", "data.eval_problems=16", "sampler.n=4", "generation.max_new_tokens=48",
+         "generation.batch_size=8", "trainer.epochs=1", "trainer.batch_size=4", "logger=none", "threads=1",
+         "rounds=1", "base_eval=false"]
+# The runner process must not run a model the trainer holds: these raise in it (the ranks are other processes).
+GUARDED_CLI = """
+import sys
+import alignlab.generation.hf as hf, alignlab.models as m, alignlab.train.torch_trainer as tt
+def boom(*a, **k):
+    raise AssertionError("the runner process ran a model itself")
+tt.reference_logps = m.load_model = hf.load_model = boom
+from alignlab.cli import main
+sys.argv = ["alignlab", *sys.argv[1:]]
+main()
+"""
+
+
+def _wait_for(pattern: str, root: Path, proc: subprocess.Popen, timeout: float = 300) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if any(root.glob(pattern)):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_round_on_two_zero3_ranks_equals_trainer_torch_and_resumes_after_kills(tiny_dir, tmp_path):
+    """experiment=quickstart (reduced), trainer=deepspeed_zero3 on 2 ranks: reference log-probs, generation and
+    eval run on the ranks (never in the runner process); the run is killed during distributed generation, then
+    during the distributed reference, and resumed each time; it ends with trainer=torch's round: byte-identical
+    rollouts, the same pairs, tokens and FLOPs, reference log-probs within 1e-4, accuracy within 0.01."""
+    from tests.conftest import alignlab, kill_group
+
+    common = [*ROUND, f"model.path={tiny_dir}"]
+    alignlab(*common, "trainer=torch", f"hydra.run.dir={tmp_path / 'torch'}")
+    run = tmp_path / "ds"
+    args = [*common, "trainer=deepspeed_zero3", "trainer.ranks=2", "trainer.threads_per_rank=1",
+            f"hydra.run.dir={run}"]
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", GUARDED_CLI, *args], cwd=ROOT, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    proc = start()
+    assert _wait_for(".generate/generate-*/job.json", run, proc), "distributed generation never started"
+    kill_group(proc)
+    assert not (run / "round_1" / "rollouts.jsonl").exists()
+    proc = start()
+    assert _wait_for("round_1/logps-*/job.json", run, proc), "the distributed reference never started"
+    kill_group(proc)
+    assert (run / "round_1" / "rollouts.jsonl").exists() and not list((run / "round_1").glob("ref_logps.*.json"))
+    res = subprocess.run([sys.executable, "-c", GUARDED_CLI, *args], cwd=ROOT, capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+    t = json.loads((tmp_path / "torch" / "summary.json").read_text())["rounds"][0]
+    d = json.loads((run / "summary.json").read_text())["rounds"][0]
+    assert abs(t["eval"]["accuracy"] - d["eval"]["accuracy"]) <= 0.01
+    for k in ("pairs", "selected"):
+        assert t[k] == d[k] > 0
+    for k in ("prompts", "samples", "generated_tokens", "forward_tokens", "trained_tokens", "trained_pairs", "flops"):
+        assert t["ledger"][k] == d["ledger"][k], k
+    assert t["ledger"]["ranks"] == {"sample": 1, "reference": 1, "train": 1}
+    assert d["ledger"]["ranks"] == {"sample": 2, "reference": 2, "train": 2}
+    assert t["train"]["steps"] == d["train"]["steps"] and abs(t["train"]["loss"] - d["train"]["loss"]) < 1e-4
+    rt, rd = tmp_path / "torch" / "round_1", run / "round_1"
+    assert (rt / "rollouts.jsonl").read_bytes() == (rd / "rollouts.jsonl").read_bytes()
+    refs = sorted(p.name for p in rt.glob("ref_logps.*.json"))
+    assert refs and refs == sorted(p.name for p in rd.glob("ref_logps.*.json"))
+    for name in refs:
+        a, b = json.loads((rt / name).read_text()), json.loads((rd / name).read_text())
+        assert a["chosen_tokens"] == b["chosen_tokens"] and a["forward_tokens"] == b["forward_tokens"]
+        for k in ("chosen", "rejected"):
+            assert max(abs(x - y) for x, y in zip(a[k], b[k])) < 1e-4
+    assert not list(rd.glob("logps-*")) and not list((run / ".generate").iterdir())  # work dirs cleaned up
+
+
+def test_every_trainer_gets_the_same_batches_schedule_and_loss_averaging_from_a_preset():
+    """quickstart with trainer=torch, deepspeed_zero2 and deepspeed_zero3 on 1 and 2 ranks: the same global
+    micro-batch (so the same plan), accumulation, epochs, LR schedule, clipping and length limit."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from alignlab import config as C
+
+    knobs = ("batch_size", "grad_accum", "epochs", "lr", "warmup_ratio", "weight_decay", "max_grad_norm",
+             "max_length")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        seen = set()
+        for name, ranks in (("torch", None), ("deepspeed_zero2", 1), ("deepspeed_zero2", 2), ("deepspeed_zero3", 1),
+                            ("deepspeed_zero3", 2)):
+            over = ["experiment=quickstart", f"trainer={name}"] + ([f"trainer.ranks={ranks}"] if ranks else [])
+            cfg = compose("config", overrides=over)
+            t = C.build("trainer", cfg.trainer, {"trainer": name})
+            seen.add(tuple(getattr(t, k) for k in knobs))
+            if ranks:
+                assert t.micro_batch_size * ranks == t.batch_size == 16
+    assert len(seen) == 1, seen

@@ -243,12 +243,16 @@ class DeepSpeedTrainer:
         key = hashlib.sha1((json.dumps(job, sort_keys=True) + _pairs_hash(pairs)).encode()).hexdigest()[:12]
         import tempfile
 
-        with tempfile.TemporaryDirectory(prefix=f"logps-{key}-", dir=workdir) as tmp:
-            work = Path(tmp)
-            _write_pairs(work / "pairs.jsonl", pairs)
-            atomic_write_text(work / "job.json", json.dumps(job))
-            self._launch(work, lambda: None)
-            return json.loads((work / "logps.json").read_text())
+        root = Path(workdir) if workdir is not None else Path(tempfile.gettempdir())
+        work = root / f"logps-{key}"  # a killed run's leftover of the same job is replaced, then removed
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        _write_pairs(work / "pairs.jsonl", pairs)
+        atomic_write_text(work / "job.json", json.dumps(job))
+        self._launch(work, lambda: None)  # on failure the work dir stays, with the launcher log the error names
+        out = json.loads((work / "logps.json").read_text())
+        shutil.rmtree(work, ignore_errors=True)
+        return out
 
     reference_logps = logps  # the earlier name
 
