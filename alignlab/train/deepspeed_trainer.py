@@ -93,9 +93,10 @@ class DeepSpeedTrainer:
             read_hostfile("trainer.hostfile", hostfile)  # a readable file of 'host slots=N' lines
         if launcher == "deepspeed" and shutil.which("deepspeed") is None and _missing("deepspeed"):
             raise ValueError("launcher=deepspeed needs DeepSpeed installed (pip install deepspeed)")
-        if grad_stats:
-            raise ValueError("grad_stats=true needs trainer=torch: DeepSpeed ZeRO reduces and partitions gradients "
-                             "inside backward and exposes them only at the optimiser step, not per micro-batch")
+        if grad_stats:  # a diagnostic, not a setting that changes training: say so and train without it
+            log.warning("trainer.grad_stats=true is ignored with DeepSpeed ZeRO (it reduces and partitions gradients "
+                        "inside backward and exposes them only at the optimiser step, not per micro-batch); "
+                        "per-micro-batch gradient statistics need trainer=torch")
         if (batch_size is None) == (micro_batch_size is None):
             raise ValueError(f"set exactly one of batch_size (global, as trainer=torch; got {batch_size}) and "
                              f"micro_batch_size (per rank; got {micro_batch_size})")
@@ -113,7 +114,7 @@ class DeepSpeedTrainer:
             checkpoint_every
         self.launcher, self.master_port = launcher, master_port
         self.threads_per_rank, self.keep_workdir = threads_per_rank, keep_workdir
-        self.grad_stats = grad_stats  # the knob trainer=torch has; rejected above
+        self.grad_stats = False  # trainer=torch's knob; not available here (warned above)
         self.ds_config = self._resolve(deepspeed)
 
     # -- configuration -------------------------------------------------------------------------------------
