@@ -334,6 +334,15 @@ def test_baseline_paired_ci_known_values(paired_tree: Path, tmp_path: Path) -> N
     assert f"| {mean:+.3f} | {low:+.3f} | {high:+.3f} |" in sage
 
 
+def test_baseline_by_exact_label_picks_the_default_arm(paired_tree: Path, tmp_path: Path) -> None:
+    """`experiment=cmp` matches every arm, but only the baseline is labelled by exactly that (no other override)."""
+    assert report.main([str(paired_tree), "--out", str(tmp_path), "--baseline", "experiment=cmp"]) == 0
+    md = (tmp_path / "report.md").read_text()
+    assert "Baseline configuration: `experiment=cmp`." in md
+    section = md.split("## Paired differences vs baseline `experiment=cmp`")[1].split("\n## ")[0]
+    assert "| `selector=sage` | 0, 1, 2, 3, 4 |" in section and "| `selector=random` | 0, 1, 2, 3, 4 |" in section
+
+
 def test_baseline_bootstrap_over_seeds(paired_tree: Path, tmp_path: Path) -> None:
     assert report.main([str(paired_tree), "--out", str(tmp_path), "--baseline", "selector=full",
                         "--bootstrap", "4000"]) == 0
@@ -349,7 +358,7 @@ def test_baseline_bootstrap_over_seeds(paired_tree: Path, tmp_path: Path) -> Non
     "args, message",
     [
         (["--baseline", "selector=nope"], "no configuration matches; values found: selector in {full, random, sage}"),
-        (["--baseline", "experiment=cmp"], "3 configurations match"),
+        (["--baseline", "rounds=2"], "3 configurations match"),
         (["--baseline", "selector"], "expected KEY=VALUE"),
         (["--bootstrap", "100"], "--bootstrap needs --baseline"),
     ],

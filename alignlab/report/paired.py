@@ -135,17 +135,21 @@ def parse_baseline(items: Sequence[str]) -> dict[str, str]:
 
 
 def find_baseline(stats: Sequence[ConfigStats], want: dict[str, str]) -> ConfigStats:
-    """The one configuration whose runs all have the given values (override, else Hydra's choice, else config)."""
+    """The one configuration whose runs all have the given values (override, else Hydra's choice, else config).
+
+    When several match, the one labelled by exactly these values wins: ``--baseline experiment=sage_ablations``
+    names the study's default arm, not every ablation of it."""
     matches = [s for s in stats if all(s.value(k) == v for k, v in want.items())]
+    exact = [s for s in matches if dict(s.key) == want]
     label = " ".join(f"{k}={v}" for k, v in want.items())
-    if len(matches) == 1:
-        return matches[0]
+    if len(matches) == 1 or len(exact) == 1:
+        return (exact or matches)[0]
     if not matches:
         seen = {k: sorted({str(s.value(k)) for s in stats}) for k in want}
         raise BaselineError(f"--baseline {label}: no configuration matches; values found: "
                             + "; ".join(f"{k} in {{{', '.join(v)}}}" for k, v in seen.items()))
     raise BaselineError(f"--baseline {label}: {len(matches)} configurations match ("
-                        + "; ".join(s.label for s in matches) + "); add KEY=VALUE words to pick one")
+                        + "; ".join(s.label for s in matches) + "); add KEY=VALUE words to pick one, or give exactly one configuration's label")
 
 
 def _evals(stats: Sequence[ConfigStats]) -> pd.DataFrame:
