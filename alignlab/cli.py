@@ -9,9 +9,11 @@
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 os.environ.setdefault("WANDB_MODE", "offline")  # never online unless logger.mode=online is asked for
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -43,6 +45,7 @@ def _run(cfg) -> None:
 
     from alignlab import config as C
     from alignlab import runner
+    from alignlab.checks import check_run_dir
 
     hc = HydraConfig.get()
     choices = C.choices_of(hc)
@@ -53,12 +56,13 @@ def _run(cfg) -> None:
         train_sft_base(**cfg.sft_base)
         return
     explicit = any(o.split("=", 1)[0].lstrip("+~") == "hydra.run.dir" for o in hc.overrides.hydra)
-    out = runner.resolve_out_dir(cfg, hc.runtime.output_dir, explicit=explicit)
     try:
+        C.validate_top(cfg)
+        out = runner.resolve_out_dir(cfg, hc.runtime.output_dir, explicit=explicit)
+        check_run_dir(cfg, out, explicit or bool(cfg.out_dir))
         runner.run(cfg, out, choices)
     except C.ConfigError as e:
-        log.error("config error: %s", e)
-        sys.exit(2)
+        config_error_exit(e)
 
 
 def _eval(cfg) -> None:
@@ -67,6 +71,7 @@ def _eval(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from alignlab import config as C
+    from alignlab.checks import check_model_dir
     from alignlab.models import load_tokenizer
     from alignlab.records import atomic_write_text
 
@@ -77,9 +82,9 @@ def _eval(cfg) -> None:
             C.validate_node(g, cfg[g], choices)
         spec, gen, evaluator = (C.build(g, cfg[g], choices) for g in ("model", "generation", "eval"))
         spec.check_exists()
+        check_model_dir(spec.directory)
     except (C.ConfigError, FileNotFoundError) as e:
-        log.error("config error: %s", e)
-        sys.exit(2)
+        config_error_exit(e)
     out = Path(cfg.out_dir or HydraConfig.get().runtime.output_dir)
     tok = load_tokenizer(spec.directory)
     res = evaluator.evaluate(str(spec.directory), gen, spec, tok, None)
@@ -104,8 +109,39 @@ def model_dir_override(arg: str) -> str:
     choice = "hf_dir"
     meta = path / "alignlab_model.json"
     if meta.exists():
-        choice = json.loads(meta.read_text()).get("config", "hf_dir")
+        try:
+            choice = json.loads(meta.read_text()).get("config", "hf_dir")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+            config_error_exit(f"model: {meta}: unreadable ({type(e).__name__}: {e}); delete it to evaluate the "
+                              f"directory with model=hf_dir")
     return f"model={choice}\nmodel.path={path.resolve()}"
+
+
+def config_error_exit(err: Exception | str) -> NoReturn:
+    """Bad input ends the program with one line and exit code 2 (a traceback only with HYDRA_FULL_ERROR=1)."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1" and isinstance(err, Exception):
+        raise err
+    log.error("config error: %s", err)
+    sys.exit(2)
+
+
+def precheck(config_name: str, args: list[str], groups: tuple[str, ...] = ()) -> None:
+    """Run every input check before Hydra starts the job (which would first write into the run dir). The
+    checks' own log lines are held back and shown only when a check fails (the job logs them again)."""
+    from alignlab.checks import precheck as check_all
+    from alignlab.config import ConfigError
+
+    root, held = logging.getLogger(), logging.handlers.BufferingHandler(capacity=10_000)
+    saved, root.handlers = root.handlers[:], [held]
+    try:
+        check_all(config_name, args, groups)
+    except ConfigError as e:
+        root.handlers = saved
+        for record in held.buffer:
+            root.handle(record)
+        config_error_exit(e)
+    finally:
+        root.handlers = saved
 
 
 def main() -> None:
@@ -126,8 +162,10 @@ def main() -> None:
     if sub == "eval":
         args = [x for a in sys.argv[2:] for x in model_dir_override(a).split("\n")]
         sys.argv = [sys.argv[0] + " eval"] + args
+        precheck("eval", args, ("model", "generation", "eval"))
         _hydra_app("eval", _eval)()
         return
+    precheck("config", sys.argv[1:])
     _hydra_app("config", _run)()
 
 

@@ -33,7 +33,7 @@ class RunSchema:
     experiment_name: str = MISSING
     seed: int = 0
     rounds: int = 3
-    resume: bool = False
+    resume: Any = False  # true | false | force (checked in validate_top)
     base_eval: bool = True
     out_dir: str | None = None
     threads: int = 0
@@ -125,10 +125,16 @@ def build(group: str, node: DictConfig, choices: dict[str, str], **kwargs: Any) 
         cause = e
         while getattr(cause, "__cause__", None) is not None and not isinstance(cause, (ValueError, TypeError)):
             cause = cause.__cause__
+        if isinstance(cause, ConfigError):  # an input check (alignlab/checks.py) already names its full key
+            raise ConfigError(f"{cause}{_where(group, choices)}") from None
         raise ConfigError(f"{group}: {cause}{_where(group, choices)}") from None
 
 
 def validate_top(cfg: DictConfig) -> None:
+    """Top-level values the schema cannot type (``resume`` is a bool or the word ``force``)."""
+    if not isinstance(cfg.resume, bool) and cfg.resume != "force":
+        raise ConfigError(f"resume must be true, false or force (continue a run dir whose saved config differs), "
+                          f"got {cfg.resume!r}")
     if cfg.rounds < 0:
         raise ConfigError(f"rounds must be >= 0, got {cfg.rounds}")
     if cfg.threads < 0:

@@ -21,6 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from alignlab import config as C
+from alignlab.checks import check_inputs
 from alignlab.ledger import LEDGER_KEYS as REPORTED_KEYS
 from alignlab.models import ModelSpec, checkpoint_params, load_tokenizer
 from alignlab.pairs import group_by_problem
@@ -55,6 +56,7 @@ def build_components(cfg: DictConfig, choices: dict[str, str]) -> dict[str, Any]
     except FileNotFoundError as e:
         msg = str(e) if str(e).startswith("model.path") else f"model.path: {e}"
         raise C.ConfigError(f"{msg}{C._where('model', choices)}") from None
+    check_inputs(comps)  # weights vs config.json, the held-out set the evaluator needs (alignlab/checks.py)
     return comps
 
 

@@ -328,7 +328,7 @@ def test_malformed_gsm8k_rows_are_skipped_with_file_line_and_count(tmp_path, cap
 
     f = _gsm8k_file(tmp_path / "train.jsonl")
     with caplog.at_level(logging.WARNING, logger="alignlab"):
-        rows = GSM8KDataset(path=str(f), train_prompts=2, benchmark_root=str(tmp_path)).train(1)
+        rows = GSM8KDataset(path=str(f), train_prompts=2).train(1)
     assert sorted(p.answer for p in rows) == ["2", "9"]
     for line in range(2, 8):
         assert f"{f}:{line}: skipping malformed row" in caplog.text
@@ -342,7 +342,7 @@ def test_malformed_gsm8k_row_is_an_error_with_strict(tmp_path):
 
     f = _gsm8k_file(tmp_path / "train.jsonl")
     with pytest.raises(ValueError, match=rf"{f}:2: malformed row: missing 'answer'"):
-        GSM8KDataset(path=str(f), train_prompts=2, strict=True, benchmark_root=str(tmp_path)).train(1)
+        GSM8KDataset(path=str(f), train_prompts=2, strict=True).train(1)
 
 
 def test_data_strict_is_a_config_key_defaulting_to_false():

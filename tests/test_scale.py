@@ -95,7 +95,7 @@ def test_gsm8k_gives_a_fresh_shard_per_round_and_wraps_around():
 def test_gsm8k_heldout_is_the_test_split_and_bad_paths_fail_at_construction(tmp_path):
     from alignlab.data.gsm8k import GSM8KDataset
 
-    held = GSM8KDataset(str(GSM8K_TRAIN), eval_problems=5).heldout()
+    held = GSM8KDataset(str(GSM8K_TRAIN), eval_problems=5, root=str(SHARED)).heldout()  # the shared layout
     if (SHARED / "benchmarks" / "gsm8k" / "test.jsonl").exists():
         assert len(held) == 5 and all(p.source == "gsm8k" for p in held)
     with pytest.raises(ValueError, match="path"):

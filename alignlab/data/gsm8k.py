@@ -1,6 +1,7 @@
 """``data=gsm8k``: real training prompts from GSM8K's train split, a fresh shard per round.
 
-The file stays where it is (``../shared/data/train/gsm8k/train.jsonl`` by default); nothing is copied into
+The file stays where it is (``../shared/data/train/gsm8k/train.jsonl`` by default, or any GSM8K-format
+file of your own with ``data.path``, read and checked when the config is built); nothing is copied into
 the package. Round k takes the k-th slice of a seeded permutation (as DPO-R1 takes a new prompt shard per
 iteration); when fewer than ``train_prompts`` are left a new permutation starts, so any number of rounds
 works and no shard repeats a prompt. The gold
@@ -15,9 +16,13 @@ import logging
 import random
 from pathlib import Path
 
+from alignlab.checks import read_rows
+from alignlab.config import ConfigError
 from alignlab.records import Problem
 
 log = logging.getLogger("alignlab")
+HELDOUT_FIX = ("set data.heldout_path=<GSM8K-format jsonl of held-out problems>, or evaluate on the benchmarks "
+               "with eval=math_suite")
 
 
 def gold_answer(solution: str) -> str:
@@ -83,26 +88,27 @@ def read_gsm8k(path: str | Path, source: str = "gsm8k", strict: bool = False) ->
 
 
 class GSM8KDataset:
-    """Training prompts from GSM8K train (a new shard per round); held-out problems from GSM8K test."""
+    """Training prompts from a GSM8K-format file (a new shard per round); held-out problems from a named file.
+
+    ``root`` is the shared data layout (``train/gsm8k/train.jsonl``, ``benchmarks/gsm8k/test.jsonl``). The
+    held-out set is ``heldout_path`` when set; otherwise GSM8K test under ``root``, but only while ``path`` is
+    the layout's own train file: for a file of your own, name the held-out set (``data.heldout_path``) or
+    evaluate with ``eval=math_suite``; it is never guessed from where the training file lives.
+    """
 
     def __init__(self, path: str, train_prompts: int = 512, eval_problems: int = 200, seed: int = 0,
-                 benchmark_root: str | None = None, strict: bool = False) -> None:
+                 heldout_path: str | None = None, root: str | None = None, strict: bool = False) -> None:
         if train_prompts < 1:
             raise ValueError(f"train_prompts must be >= 1, got {train_prompts}")
         if eval_problems < 1:
             raise ValueError(f"eval_problems must be >= 1, got {eval_problems}")
-        if not Path(path).is_file():
-            raise ValueError(f"path: no GSM8K train file at {path} (expected ../shared/data/train/gsm8k/train.jsonl "
-                             f"next to the repository, or set data.path)")
-        if benchmark_root is not None and not Path(benchmark_root).is_dir():
-            raise ValueError(f"benchmark_root: no such directory {benchmark_root}")
         self.path, self.train_prompts, self.eval_problems, self.seed = path, train_prompts, eval_problems, seed
-        self.benchmark_root, self.strict = benchmark_root, strict
-        self._rows: list[Problem] | None = None
+        self.heldout_path, self.root, self.strict = heldout_path, root, strict
+        self._rows: list[Problem] = read_rows(
+            "data.path", path, lambda p: read_gsm8k(p, source="gsm8k_train", strict=strict),
+            "set data.path to a GSM8K-format jsonl (one {\"question\", \"answer\": \"... #### 42\"} per line)")
 
     def _all(self) -> list[Problem]:
-        if self._rows is None:
-            self._rows = read_gsm8k(self.path, source="gsm8k_train", strict=self.strict)
         return self._rows
 
     def train(self, round_index: int) -> list[Problem]:
@@ -114,14 +120,36 @@ class GSM8KDataset:
         random.Random(f"gsm8k:{self.seed}:{epoch}").shuffle(order)
         return [rows[i] for i in order[slot * n: (slot + 1) * n]]
 
+    def _shared_test(self) -> Path | None:
+        """GSM8K test of the shared layout, when ``path`` is that layout's train file."""
+        if self.root is None:
+            return None
+        root = Path(self.root).expanduser()
+        if Path(self.path).expanduser().resolve() != (root / "train" / "gsm8k" / "train.jsonl").resolve():
+            return None
+        return root / "benchmarks" / "gsm8k" / "test.jsonl"
+
+    def check_heldout(self) -> None:
+        """The held-out set the evaluator will read is named, readable, and has usable rows."""
+        if self.heldout_path is not None:
+            read_rows("data.heldout_path", self.heldout_path, self._read_heldout, HELDOUT_FIX)
+            return
+        shared = self._shared_test()
+        if shared is None:
+            raise ConfigError(f"data.heldout_path: not set, and data.path={self.path} is your own file, so there is "
+                              f"no held-out set to evaluate on; {HELDOUT_FIX}")
+        read_rows("data.heldout_path", shared, self._read_heldout, HELDOUT_FIX)
+
+    def _read_heldout(self, path: Path) -> list[Problem]:
+        if self.heldout_path is not None:
+            return read_gsm8k(path, source="gsm8k_heldout", strict=self.strict)
+        from alignlab.data.benchmarks import load_benchmark
+
+        return load_benchmark("gsm8k", path.parent.parent, strict=self.strict)
+
     def heldout(self) -> list[Problem]:
-        """The first ``eval_problems`` of GSM8K test (``benchmarks/gsm8k/test.jsonl``), or none if absent."""
-        root = Path(self.benchmark_root) if self.benchmark_root else Path(self.path).resolve().parents[2] / "benchmarks"
-        if not (root / "gsm8k" / "test.jsonl").is_file():
-            log.warning("data.heldout: no %s; evaluation gets no GSM8K problems", root / "gsm8k" / "test.jsonl")
+        """The first ``eval_problems`` of the held-out set (none when none is named: ``eval=math_suite``)."""
+        path = Path(self.heldout_path) if self.heldout_path is not None else self._shared_test()
+        if path is None:
             return []
-        try:
-            from alignlab.data.benchmarks import load_benchmark
-        except ImportError:  # the benchmark adapters are optional here: GSM8K's format is the train file's
-            return read_gsm8k(root / "gsm8k" / "test.jsonl", strict=self.strict)[: self.eval_problems]
-        return load_benchmark("gsm8k", root, strict=self.strict)[: self.eval_problems]
+        return self._read_heldout(path)[: self.eval_problems]

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from alignlab.checks import check_benchmarks
 from alignlab.data.benchmarks import BENCHMARKS, load_benchmark
 from alignlab.eval import FINISHED_WARN, accuracy_se, greedy_eval
 from alignlab.records import Problem
@@ -30,8 +31,7 @@ class MathSuiteEval:
             raise ValueError(f"benchmarks: unknown {bad}; valid: {list(BENCHMARKS)}")
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be >= 1 or null, got {limit}")
-        if not Path(root).is_dir():
-            raise ValueError(f"root: benchmark folder {root} does not exist (set eval.root or ALIGNLAB_BENCHMARKS)")
+        check_benchmarks(names, root, strict=strict)  # every named test.jsonl readable, with usable rows
         self.benchmarks, self.root, self.limit, self.strict = names, root, limit, strict
         if verifier is None:
             from alignlab.verify import MathVerifier
