@@ -175,7 +175,7 @@ def test_truncated_jsonl_from_an_old_crash_is_detected_and_regenerated(ref, tmp_
     assert not data[: len(data) // 2 + 7].endswith(b"\n")
     pairs = d / "round_2" / "pairs.jsonl"
     lines = pairs.read_text().splitlines(keepends=True)
-    assert len(lines) >= 2, "the reference run must build pairs in round 2"
+    assert lines, "the reference run must build pairs in round 2"
     pairs.write_text("".join(lines[:-1]))  # whole lines, but one record short of what its sidecar says
     res = alignlab(*RUN, f"hydra.run.dir={d}", "resume=true", env=ENV)
     log = res.stderr + res.stdout
