@@ -224,3 +224,34 @@ def test_a_killed_and_resumed_run_logs_to_one_wandb_run_with_a_round_axis(tmp_pa
     train_keys = {i.key or "/".join(i.nested_key) for recs in records for r in recs
                   if r.WhichOneof("record_type") == "history" for i in r.history.item}
     assert {"train/rewards/margins", "train/rewards/accuracies"} <= train_keys  # TRL's names
+
+
+# -- benchmarks from any source ----------------------------------------------------------------------------------
+
+MATH500_ROWS = [{"problem": f"What is ${a} + {b}$?", "solution": f"${a} + {b} = \\boxed{{{a + b}}}$.",
+                 "answer": str(a + b), "subject": "Prealgebra", "level": 1 + a % 5, "unique_id": f"test/pre/{a}.json"}
+                for a, b in ((3, 4), (10, 5), (7, 8), (12, 30), (2, 2))]  # MATH-500's upstream schema
+
+
+def test_a_benchmark_reads_from_a_local_parquet_in_its_upstream_schema(tmp_path, monkeypatch):
+    import datasets
+
+    from alignlab.data.benchmarks import load_benchmark_from
+    from alignlab.eval.math_suite import MathSuiteEval
+
+    datasets.Dataset.from_list(MATH500_ROWS).to_parquet(tmp_path / "math500.parquet")
+    probs = load_benchmark_from("math500", str(tmp_path / "math500.parquet"))
+    assert [(p.id, p.answer, p.difficulty) for p in probs] == \
+           [(f"math500/{r['unique_id']}", r["answer"], r["level"]) for r in MATH500_ROWS]
+    out = tmp_path / "eval"
+    alignlab("eval", f"model={TINY}", "eval=math_suite", "eval.benchmarks=[math500]",
+             f"eval.sources={{math500: {tmp_path / 'math500.parquet'}}}", f"eval.root={tmp_path / 'no_root'}",
+             "eval.limit=3", "generation.max_new_tokens=16", f"hydra.run.dir={out}")
+    table = json.loads((out / "eval.json").read_text())
+    assert set(table) == {"math500"} and table["math500"]["n"] == 3
+    monkeypatch.setenv("HF_ENDPOINT", UNREACHABLE["HF_ENDPOINT"])
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    t0 = time.time()
+    with pytest.raises(ValueError, match="eval.sources.math500=HuggingFaceH4/MATH-500: .*not reachable.*local"):
+        MathSuiteEval(benchmarks=["math500"], sources={"math500": "HuggingFaceH4/MATH-500"}, root=str(tmp_path))
+    assert time.time() - t0 < 10

@@ -18,7 +18,7 @@ from typing import Any
 from alignlab.records import Problem
 from alignlab.verify.extract import extract_boxed
 
-__all__ = ["BENCHMARKS", "load_benchmark", "benchmark_path"]
+__all__ = ["BENCHMARKS", "load_benchmark", "load_benchmark_from", "benchmark_path"]
 
 log = logging.getLogger(__name__)
 
@@ -194,4 +194,30 @@ def load_benchmark(name: str, root: str | Path, strict: bool = False) -> list[Pr
                 if strict:
                     raise ValueError(f"{path}:{lineno}: {e}") from e
                 log.warning("%s:%d: skipping malformed row: %s", path, lineno, e)
+    return out
+
+
+def load_benchmark_from(name: str, path: str, split: str = "test", config: str | None = None,
+                        strict: bool = False) -> list[Problem]:
+    """Benchmark ``name`` from any source ``datasets`` reads (a hub id such as ``HuggingFaceH4/MATH-500``, a local
+    jsonl/parquet file or a directory), in the benchmark's upstream schema, through the same gold-answer adapter
+    as :func:`load_benchmark`."""
+    from alignlab.data.files import load_rows
+
+    if name not in _SPECS:
+        raise ValueError(f"unknown benchmark {name!r}; valid names: {', '.join(BENCHMARKS)}")
+    out: list[Problem] = []
+    seen: set[str] = set()
+    for i, row in enumerate(load_rows(path, split, config, key=f"eval.sources.{name}"), start=1):
+        try:
+            p = _row_to_problem(name, row, i)
+        except MalformedRow as e:
+            if strict:
+                raise ValueError(f"{path} ({split}) row {i}: {e}") from e
+            log.warning("%s (%s) row %d: skipping malformed row: %s", path, split, i, e)
+            continue
+        if p.id in seen:
+            p.id = f"{name}/line{i}"
+        seen.add(p.id)
+        out.append(p)
     return out

@@ -8,11 +8,13 @@ wall-clock timeout). The table has the SAGE paper's columns plus problem counts 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from alignlab import hub
 from alignlab.checks import check_benchmarks
-from alignlab.data.benchmarks import BENCHMARKS, load_benchmark
+from alignlab.data.benchmarks import BENCHMARKS, load_benchmark, load_benchmark_from
 from alignlab.eval import FINISHED_WARN, accuracy_se, greedy_eval
 from alignlab.records import Problem
 
@@ -24,14 +26,27 @@ class MathSuiteEval:
     """Greedy pass@1 over each benchmark; ``limit`` keeps the first k problems of each."""
 
     def __init__(self, benchmarks: list[str] | None = None, root: str = DEFAULT_ROOT, limit: int | None = None,
-                 verifier: Any = None, strict: bool = False) -> None:
+                 verifier: Any = None, strict: bool = False, sources: dict[str, Any] | None = None) -> None:
         names = list(benchmarks or BENCHMARKS)
         bad = [b for b in names if b not in BENCHMARKS]
         if bad:
             raise ValueError(f"benchmarks: unknown {bad}; valid: {list(BENCHMARKS)}")
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be >= 1 or null, got {limit}")
-        check_benchmarks(names, root, strict=strict)  # every named test.jsonl readable, with usable rows
+        self.sources = {k: dict(v) if isinstance(v, Mapping) else {"path": v} for k, v in (sources or {}).items()}
+        for name, src in self.sources.items():
+            if name not in BENCHMARKS:
+                raise ValueError(f"sources: unknown benchmark {name!r}; valid: {list(BENCHMARKS)}")
+            if not isinstance(src.get("path"), str) or set(src) - {"path", "split", "config"}:
+                raise ValueError(f"sources.{name}: a hub id / file / directory, or {{path, split, config}}; got {src}")
+            if hub.is_hub_id(src["path"]):
+                hub.require_hub(f"eval.sources.{name}", src["path"], "Offline, point it at a local .jsonl/.parquet "
+                                "file or directory, or drop it to read <eval.root>/<name>/test.jsonl.")
+            elif not Path(src["path"]).expanduser().exists():
+                raise ValueError(f"sources.{name}: no such file or directory {src['path']}")
+        from_root = [n for n in names if n not in self.sources]
+        if from_root:
+            check_benchmarks(from_root, root, strict=strict)  # every named test.jsonl readable, with usable rows
         self.benchmarks, self.root, self.limit, self.strict = names, root, limit, strict
         if verifier is None:
             from alignlab.verify import MathVerifier
@@ -45,7 +60,9 @@ class MathSuiteEval:
         everything: list[bool] = []
         finished = 0.0
         for name in self.benchmarks:
-            probs = load_benchmark(name, self.root, strict=self.strict)[: self.limit or None]
+            src = self.sources.get(name)
+            probs = (load_benchmark_from(name, src["path"], src.get("split", "test"), src.get("config"), self.strict)
+                     if src else load_benchmark(name, self.root, strict=self.strict))[: self.limit or None]
             correct, outs, info = greedy_eval(model_dir, generator, spec, tokenizer, probs, self.verifier, name)
             acc, se = accuracy_se(correct)
             per[name] = {"accuracy": acc, "n": len(probs), "se": se, **info,
