@@ -121,7 +121,7 @@ def config_error_exit(err: Exception | str) -> NoReturn:
     """Bad input ends the program with one line and exit code 2 (a traceback only with HYDRA_FULL_ERROR=1)."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1" and isinstance(err, Exception):
         raise err
-    log.error("config error: %s", err)
+    log.error("config error: %s", " ".join(str(err).splitlines()))
     sys.exit(2)
 
 

@@ -125,9 +125,10 @@ def build(group: str, node: DictConfig, choices: dict[str, str], **kwargs: Any) 
         cause = e
         while getattr(cause, "__cause__", None) is not None and not isinstance(cause, (ValueError, TypeError)):
             cause = cause.__cause__
-        if isinstance(cause, ConfigError):  # an input check (alignlab/checks.py) already names its full key
-            raise ConfigError(f"{cause}{_where(group, choices)}") from None
-        raise ConfigError(f"{group}: {cause}{_where(group, choices)}") from None
+        msg = str(cause)
+        if not msg.startswith((f"{group}.", f"{group}:")):  # input checks name their full key (data.path: ...)
+            msg = f"{group}: {msg}"
+        raise ConfigError(f"{msg}{_where(group, choices)}") from None
 
 
 def validate_top(cfg: DictConfig) -> None:

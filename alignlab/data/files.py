@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from alignlab import hub
+from alignlab.checks import require_dir, require_file
 from alignlab.records import Problem
 from alignlab.verify.extract import extract_boxed
 
@@ -24,6 +25,7 @@ log = logging.getLogger("alignlab")
 
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 ANSWER_FORMATS = ("plain", "gsm8k", "boxed")
+LOCAL_FIX = "point it at a .jsonl/.json/.parquet/.csv file, or a directory of them"
 OFFLINE_HINT = ("Offline, point data.path at a local .jsonl/.parquet file or directory, or use data=gsm8k, which "
                 "reads ../shared/data/train/gsm8k/train.jsonl (ALIGNLAB_DATA moves that root).")
 
@@ -49,6 +51,9 @@ def load_rows(path: str, split: str = "train", name: str | None = None, key: str
             raise ValueError(f"{key}: no such file or directory {path} (nor an org/name hub dataset id)")
     except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError, ConnectionError) as e:
         raise ValueError(f"{key}: cannot read {path} (split {split!r}): {e}. {OFFLINE_HINT}") from e
+    except datasets.exceptions.DatasetGenerationError as e:  # a local file datasets cannot parse
+        raise ValueError(f"{key}: {path}: cannot be parsed ({e.__cause__ or e}); fix or drop the bad rows (data=gsm8k "
+                         f"skips malformed rows with a file:line warning)") from e
     return ds.to_list()
 
 
@@ -151,6 +156,10 @@ class FileDataset:
                 if not hub.is_hub_id(value):
                     raise ValueError(f"{key}: no such file or directory {value} (nor an org/name hub dataset id)")
                 hub.require_hub(f"data.{key}", value, OFFLINE_HINT)
+            elif local.is_dir():
+                require_dir(f"data.{key}", local, LOCAL_FIX)
+            else:  # empty, unreadable or binary where text is expected: one line now, not a datasets traceback later
+                require_file(f"data.{key}", local, LOCAL_FIX, text=local.suffix.lower() != ".parquet")
         if heldout_split and not heldout_path and Path(path).expanduser().is_file():
             raise ValueError(f"heldout_split: path {path} is a single file (it has no {heldout_split!r} split); "
                              f"name the held-out file with heldout_path")
@@ -161,8 +170,7 @@ class FileDataset:
         self.heldout_path, self.heldout_split = heldout_path, heldout_split
         self._train: list[Problem] | None = None
         self._heldout: list[Problem] | None = None
-        if any(v and hub.is_hub_id(v) for v in (path, heldout_path)):
-            self._load()  # a hub dataset that is neither reachable nor cached fails here, before any model loads
+        self._load()  # a source without usable rows, or a hub dataset not reachable nor cached, fails before any work
 
     def _source(self, path: str, split: str) -> str:
         return f"{Path(path).name if Path(path).expanduser().exists() else path}:{split}"
