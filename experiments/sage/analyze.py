@@ -39,6 +39,8 @@ def run_stats(d: Path) -> dict | None:
            "final": s["rounds"][-1]["eval"]["accuracy"], "acc": [r["eval"]["accuracy"] for r in s["rounds"]],
            "trained_tokens": sum(r["ledger"]["trained_tokens"] for r in s["rounds"]),
            "flops": sum(r["ledger"]["flops"] for r in s["rounds"]), "params": s.get("params", 0),
+           # runs whose ledger has forward_tokens already count the filter's scoring forwards in the train stage
+           "scoring_in_ledger": all("forward_tokens" in r["ledger"] for r in s["rounds"]),
            "steps": sum(r["train"].get("steps", 0) for r in s["rounds"]), "score_tokens": 0,
            "step_log": [], "avail": dict.fromkeys(BUCKETS, 0), "kept": dict.fromkeys(BUCKETS, 0),
            "hist": {}}
@@ -108,7 +110,7 @@ def table(configs: dict[str, list[dict]]) -> list[str]:
                f"**{mean_se(per_run(lambda r: r['final']))}**", mean_se(per_run(lambda r: r["final"] - r["base"])),
                mean_se(per_run(lambda r: r["steps"])), mean_se(per_run(lambda r: r["trained_tokens"])),
                mean_se(per_run(lambda r: r["score_tokens"])),
-               f"{np.mean(per_run(lambda r: r['flops'] + 2 * r['params'] * r['score_tokens'])):.3g}",
+               f"{np.mean(per_run(lambda r: r['flops'] + (0 if r['scoring_in_ledger'] else 2 * r['params'] * r['score_tokens']))):.3g}",
                mean_se(gn), mean_se(gv), mean_se(snr), *kept]
         lines.append("| " + " | ".join(row) + " |")
     return lines
