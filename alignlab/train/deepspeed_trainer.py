@@ -226,6 +226,9 @@ class DeepSpeedTrainer:
         finally:
             bar.close()
         res = json.loads((work / "result.json").read_text())
+        last = res["history"][-1] if res["history"] else None
+        if logger is not None and last is not None and last["step"] % self.log_every:  # the last step, as torch
+            logger.log({f"train/{k}": v for k, v in last.items()})
         self._cleanup(work)
         return TrainResult(steps=res["steps"], trained_tokens=res["trained_tokens"], history=res["history"],
                            summary=res["summary"])
