@@ -257,3 +257,33 @@ def test_gsm8k_shared_layout_needs_no_heldout_flag(tmp_path):
     with pytest.raises(ConfigError, match="data.heldout_path: not set"):
         mine.check_heldout()
     assert mine.heldout() == []
+
+
+def test_file_checks_name_what_is_wrong(tmp_path):
+    """The helpers every path goes through, on the cases a subprocess cannot show here (a FIFO would block a
+    reader; root reads a chmod 000 file anyway)."""
+    import os
+
+    from alignlab.checks import read_rows, require_dir, require_file
+    from alignlab.config import ConfigError
+
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match=rf"^k: {fifo}: is not a regular file; fix$"):
+        require_file("k", fifo, "fix")  # checked without opening it
+    locked = _rows(tmp_path / "locked.jsonl", 2)
+    locked.chmod(0)
+    if os.geteuid() != 0:
+        with pytest.raises(ConfigError, match=r"cannot be read \(Permission denied\)"):
+            require_file("k", locked, "fix")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(ConfigError, match="no such file"):
+        require_file("k", tmp_path / "loop", "fix")
+    with pytest.raises(ConfigError, match=r"is a file, expected a directory"):
+        require_dir("k", _rows(tmp_path / "f.jsonl", 1), "fix")
+    utf16 = tmp_path / "utf16.jsonl"
+    utf16.write_text(json.dumps(GOOD_ROW) + "\n", encoding="utf-16")
+    with pytest.raises(ConfigError, match="is binary, not UTF-8 text"):
+        require_file("k", utf16, "fix")
+    with pytest.raises(ConfigError, match="holds no usable rows"):
+        read_rows("k", _rows(tmp_path / "ok.jsonl", 3), lambda p: [], "fix")
