@@ -290,6 +290,8 @@ def check_run_dir(cfg: DictConfig, out: Path, explicit: bool) -> None:
     key = "out_dir" if cfg.get("out_dir") else "hydra.run.dir"
     if out.exists() and not out.is_dir():
         raise bad_path(key, out, "is a file, expected a run directory", f"choose another {key}")
+    if out.exists():
+        require_dir(key, out, f"make it readable, or choose another {key}")
     if cfg.resume is True and explicit and not out.exists():
         raise bad_path(key, out, "no such run directory to resume",
                        "check the path, or drop resume=true to start a new run there")
