@@ -142,19 +142,26 @@ def note(rank: int, msg: str) -> None:
         print(f"[alignlab {time.time() - T0:7.1f}s] {msg}", flush=True)
 
 
-def run_train(work: Path, job: dict[str, Any]) -> None:
-    import deepspeed
+def rank_setup(job: dict[str, Any]) -> tuple[int, int, torch.device, dict[str, Any], bool]:
+    """This rank's (rank, world size, device, DeepSpeed config, bf16?), with the accelerator bound to it."""
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
-    rank, world = dist.get_rank(), dist.get_world_size()
     acc = get_accelerator()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if acc.device_name() != "cpu":
         acc.set_device(local_rank)
     device = torch.device(acc.device_name(local_rank) if acc.device_name() != "cpu" else "cpu")
     ds_config = dict(job["ds_config"])
-    bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))
+    return (dist.get_rank(), dist.get_world_size(), device, ds_config,
+            bool(ds_config.get("bf16", {}).get("enabled", False)))
+
+
+def run_train(work: Path, job: dict[str, Any]) -> None:
+    import deepspeed
+    import torch.distributed as dist
+
+    rank, world, device, ds_config, bf16 = rank_setup(job)
 
     torch.manual_seed(job["seed"])
     tok = load_tokenizer(job["policy_dir"])
@@ -351,16 +358,8 @@ def run_logps(work: Path, job: dict[str, Any]) -> None:
     """Summed response log-probs of chosen/rejected, each rank on its shard, the model sharded per ZeRO stage."""
     import deepspeed
     import torch.distributed as dist
-    from deepspeed.accelerator import get_accelerator
 
-    rank, world = dist.get_rank(), dist.get_world_size()
-    acc = get_accelerator()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if acc.device_name() != "cpu":
-        acc.set_device(local_rank)
-    device = torch.device(acc.device_name(local_rank) if acc.device_name() != "cpu" else "cpu")
-    ds_config = dict(job["ds_config"])
-    bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))
+    rank, world, device, ds_config, bf16 = rank_setup(job)
     tok = load_tokenizer(job["policy_dir"])
     enc = encode_pairs(tok, read_pairs(work / "pairs.jsonl"), job["max_length"])
     model = load_policy(job, ds_config, torch.bfloat16 if bf16 else torch.float32)
