@@ -246,7 +246,7 @@ def test_sweep_plots_only_when_key_varies(tree: dict, tmp_path: Path) -> None:
 
 
 def test_cli_errors(tmp_path: Path) -> None:
-    assert report.main([str(tmp_path)]) == 1  # nothing to report
+    assert report.main([str(tmp_path)]) == 2  # nothing to report: bad input
     assert report.main([str(tmp_path / "nope")]) == 2
     assert not (tmp_path / "report.md").exists()
 

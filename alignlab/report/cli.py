@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `alignlab report`; returns a process exit code (0 written, 1 no runs, 2 bad arguments)."""
+    """Entry point of `alignlab report`; returns a process exit code (0 written, 2 bad arguments or no runs)."""
     args = build_parser().parse_args(argv)
     missing = [d for d in args.dirs if not d.is_dir()]
     if missing:
@@ -61,10 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     runs = load_runs(args.dirs)
     if not runs:
         print(
-            f"alignlab report: no runs (summary.json or .hydra/) below {', '.join(map(str, args.dirs))}",
+            f"alignlab report: no runs (summary.json or .hydra/) below {', '.join(map(str, args.dirs))}: "
+            "give the directory of a run (hydra.run.dir) or of a multirun sweep",
             file=sys.stderr,
         )
-        return 1
+        return 2
     stats = aggregate(runs, by=args.by)
     paired = None
     if args.baseline:
