@@ -159,6 +159,7 @@ RAW_CASES = [
      "alignlab_model_dir/alignlab_model.json: unreadable"),
     ("report of a file", ["report", "{own}"], "not a directory: {own}"),
     ("report of a missing dir", ["report", "{t}/no_runs_here"], "not a directory: {t}/no_runs_here"),
+    ("report of a dir with no runs", ["report", "{t}/a_dir.jsonl"], "no runs (summary.json or .hydra/) below {t}/a_dir.jsonl"),
 ]
 
 
