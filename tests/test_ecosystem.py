@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -88,7 +89,8 @@ def test_a_hub_dataset_id_without_network_fails_fast_naming_the_offline_path(tmp
 @pytest.fixture(scope="module")
 def one_round(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("pairs") / "run"
-    alignlab(*ROUND, "pairs_format=conversational", f"hydra.run.dir={run}")
+    res = alignlab(*ROUND, "pairs_format=conversational", f"hydra.run.dir={run}")
+    (run.parent / "console.txt").write_text(res.stdout + res.stderr)
     return run
 
 
@@ -255,3 +257,28 @@ def test_a_benchmark_reads_from_a_local_parquet_in_its_upstream_schema(tmp_path,
     with pytest.raises(ValueError, match="eval.sources.math500=HuggingFaceH4/MATH-500: .*not reachable.*local"):
         MathSuiteEval(benchmarks=["math500"], sources={"math500": "HuggingFaceH4/MATH-500"}, root=str(tmp_path))
     assert time.time() - t0 < 10
+
+
+# -- progress ---------------------------------------------------------------------------------------------------
+
+def test_a_progress_bar_keeps_drawing_while_a_long_step_finishes_nothing(capsys):
+    from alignlab.logging import progress
+
+    with progress(total=4, desc="stalled", unit="sample", interval_s=0.2) as bar:
+        t0 = time.time()
+        while time.time() - t0 < 1.5:  # a batch in which no sample finishes for a while
+            bar.update(0)
+            time.sleep(0.01)
+        bar.update(4)
+    draws = capsys.readouterr().err.count("stalled")
+    assert draws >= 5, draws  # about one redraw per interval, not one per finished sample
+
+
+def test_stage_lines_and_no_third_party_noise_in_a_run_log(one_round):
+    out = (one_round.parent / "console.txt").read_text()
+    assert re.search(r"base_eval: n=12, in [0-9.]+ s", out)
+    for stage in ("prompts", "sample", "verify", "pairs", "select"):
+        assert re.search(rf"round_1 {stage}: \d+ records in [0-9.]+ s -> ", out), stage
+    assert re.search(r"round_1 reference: \d+ pairs, \d+ tokens in", out)
+    assert re.search(r"round_1 train: \d+ pairs, \d+ steps, \d+ tokens in", out)
+    assert "Loading weights" not in out and "Setting accelerator to CPU" not in out

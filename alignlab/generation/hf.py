@@ -128,7 +128,7 @@ class HFGenerator:
                  greedy: bool = False, shard: tuple[int, int] | None = None) -> list[list[Sample]]:
         """``shard=(rank, world)``: decode only every world-th batch from the rank-th (the others stay empty), so
         the batches of R ranks together are exactly one process's (alignlab/generation/ranks.py)."""
-        from tqdm.auto import tqdm
+        from alignlab.logging import progress
 
         model, tok = self._load(model_dir)
         n = 1 if greedy else n
@@ -148,16 +148,19 @@ class HFGenerator:
         out: list[list[Sample]] = [[] for _ in prompts]
         chunks = [order[b: b + per_batch] for b in range(0, len(order), per_batch)]
         chunks = chunks[shard[0]::shard[1]] if shard else chunks
-        for chunk in tqdm(chunks, desc="greedy" if greedy else f"sample n={n}", unit="batch", leave=False,
-                          disable=len(chunks) <= 1):
-            seeds = [sample_seed(seed, prompts[i], j) for i in chunk for j in range(n)]
-            res = self._decode(model, tok, [encoded[i] for i in chunk], n, seeds, greedy, stop)
-            for k, i in enumerate(chunk):
-                out[i] = res[k * n: (k + 1) * n]
+        # counts finished samples inside each batch, so a long batch still shows progress (a log gets a line at
+        # least every 10 s, see alignlab.logging.progress)
+        with progress(total=sum(len(c) for c in chunks) * n, desc="greedy" if greedy else f"sample n={n}",
+                      unit="sample") as bar:
+            for chunk in chunks:
+                seeds = [sample_seed(seed, prompts[i], j) for i in chunk for j in range(n)]
+                res = self._decode(model, tok, [encoded[i] for i in chunk], n, seeds, greedy, stop, bar)
+                for k, i in enumerate(chunk):
+                    out[i] = res[k * n: (k + 1) * n]
         return out
 
     def _decode(self, model, tok, prompt_ids: list[list[int]], n: int, seeds: list[int], greedy: bool,
-                stop: set[int]) -> list[Sample]:
+                stop: set[int], bar=None) -> list[Sample]:
         """Prefill each prompt once, fan the KV cache out to its n samples, drop rows as they finish."""
         P, L = len(prompt_ids), max(len(p) for p in prompt_ids)
         pad, dev = tok.pad_token_id, self.device
@@ -184,6 +187,7 @@ class HFGenerator:
         ent_sum = torch.zeros(B, dtype=torch.float64, device=dev)
         n_tok = torch.zeros(B, dtype=torch.long, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
+        finished = 0  # rows done so far, for the progress bar
         for t in range(self.max_new_tokens):
             logp = torch.log_softmax(logits.float(), dim=-1)
             if greedy or self.temperature == 0:
@@ -199,6 +203,9 @@ class HFGenerator:
             done[rows] |= torch.isin(nxt, stop_t)
             keep = ~done[rows]
             n_keep = int(keep.sum())
+            if bar is not None:
+                bar.update(B - n_keep - finished)
+                finished = B - n_keep
             if n_keep == 0:
                 break
             if n_keep <= 0.9 * len(rows):  # compact: finished rows stop costing compute
@@ -210,6 +217,8 @@ class HFGenerator:
                         use_cache=True)
             cache, logits = out.past_key_values, out.logits[:, -1]
             next_pos = next_pos + 1
+        if bar is not None:
+            bar.update(B - finished)  # the rows that ran to max_new_tokens
         gen, n_tok, done = gen.cpu(), n_tok.cpu(), done.cpu()
         samples = []
         for i in range(B):

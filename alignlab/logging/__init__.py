@@ -85,20 +85,35 @@ class WandbLogger(ConsoleLogger):
             self._run = None
 
 
+LOG_INTERVAL_S = 10.0  # a progress line at least this often in a log file while a stage runs
+
+
 def is_main_process() -> bool:
     """Rank 0 (or no launcher): the one process that draws progress bars on the console."""
     return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) in ("", "0")
 
 
-def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", unit: str = "it"):
-    """A tqdm bar for loops that last more than a few seconds; rank 0 only. On a terminal it redraws every 0.5 s;
-    into a log file every 10 s at most (so a log has no silent gap longer than that, and no flood either)."""
+def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", unit: str = "it",
+             interval_s: float | None = None):
+    """A tqdm bar for loops that last more than a few seconds; rank 0 only. On a terminal it redraws every 0.5 s,
+    into a log file every 10 s (``LOG_INTERVAL_S``), also while nothing finishes, so a log has no silent gap much
+    longer than that and no flood either. ``ALIGNLAB_PROGRESS=0`` turns bars off."""
     from tqdm.auto import tqdm
 
+    class Bar(tqdm):
+        def update(self, n: float | None = 1) -> bool | None:
+            """Also redraws when nothing finished for ``mininterval`` (a long batch still shows it is alive)."""
+            shown = super().update(n)
+            if not shown and not self.disable and self._time() - self.last_print_t >= self.mininterval:
+                self.refresh()
+                self.last_print_t = self._time()
+                return True
+            return shown
+
     tty = sys.stderr.isatty()
-    return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True,
-                disable=not is_main_process() or os.environ.get("ALIGNLAB_PROGRESS", "1") == "0",
-                mininterval=0.5 if tty else 10.0)
+    return Bar(iterable, total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True,
+               disable=not is_main_process() or os.environ.get("ALIGNLAB_PROGRESS", "1") == "0",
+               mininterval=interval_s or (0.5 if tty else LOG_INTERVAL_S))
 
 
 QUIET_BARS = ("Loading weights", "Writing model shards")  # transformers' per-load bars: noise, twice a stage
