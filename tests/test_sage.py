@@ -233,7 +233,7 @@ def test_sage_run_end_to_end_through_the_cli(tiny_dir, tmp_path):
 
 @pytest.mark.parametrize("overrides", [["experiment=sage_ablations", "selector.keep_ratio=0.3"],
                                        ["experiment=sage_vs_dpo", "selector=random"],
-                                       ["experiment=sage", "trainer=deepspeed_zero2", "trainer.ranks=2"],
+                                       ["experiment=sage", "trainer=deepspeed_zero3", "trainer.ranks=2"],
                                        ["selector=sage", "selector.granularity=pool", "selector.curriculum=null"]])
 def test_sage_configs_compose_and_give_the_trainer_its_callbacks(overrides, tiny_dir):
     """The selector brings its own in-step filter; nothing is wired into the trainer's config by hand."""
@@ -245,7 +245,7 @@ def test_sage_configs_compose_and_give_the_trainer_its_callbacks(overrides, tiny
     cbs = selector_callbacks(comps["selector"])
     step = isinstance(comps["selector"], SageSelector) and comps["selector"].granularity == "step"
     assert [type(c) for c in cbs] == ([SageStepFilter] if step else [])
-    # the SAGE study presets ask for gradient statistics; DeepSpeed has none to give (warned, not an error)
+    # the SAGE study presets ask for gradient statistics; ZeRO-3 has none to give (warned, not an error)
     assert comps["trainer"].grad_stats == (overrides[0].startswith("experiment=sage") and "trainer=" not in str(overrides))
     if step:
         assert cbs[0].sel.keep_ratio == comps["selector"].keep_ratio and cbs[0].sel.beta == comps["loss"].beta

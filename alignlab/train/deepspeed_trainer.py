@@ -93,10 +93,6 @@ class DeepSpeedTrainer:
             read_hostfile("trainer.hostfile", hostfile)  # a readable file of 'host slots=N' lines
         if launcher == "deepspeed" and shutil.which("deepspeed") is None and _missing("deepspeed"):
             raise ValueError("launcher=deepspeed needs DeepSpeed installed (pip install deepspeed)")
-        if grad_stats:  # a diagnostic, not a setting that changes training: say so and train without it
-            log.warning("trainer.grad_stats=true is ignored with DeepSpeed ZeRO (it reduces and partitions gradients "
-                        "inside backward and exposes them only at the optimiser step, not per micro-batch); "
-                        "per-micro-batch gradient statistics need trainer=torch")
         if (batch_size is None) == (micro_batch_size is None):
             raise ValueError(f"set exactly one of batch_size (global, as trainer=torch; got {batch_size}) and "
                              f"micro_batch_size (per rank; got {micro_batch_size})")
@@ -114,8 +110,12 @@ class DeepSpeedTrainer:
             checkpoint_every
         self.launcher, self.master_port = launcher, master_port
         self.threads_per_rank, self.keep_workdir = threads_per_rank, keep_workdir
-        self.grad_stats = False  # trainer=torch's knob; not available here (warned above)
         self.ds_config = self._resolve(deepspeed)
+        # per-micro-batch gradients need full weights on every rank: with ZeRO-3 the diagnostic is skipped (warned)
+        self.grad_stats = grad_stats and self.zero_stage < 3
+        if grad_stats and not self.grad_stats:
+            log.warning("trainer.grad_stats=true is ignored with ZeRO-3 (weights are partitioned, so a micro-batch's "
+                        "gradient is not at hand); use ZeRO-2 or trainer=torch for gradient statistics")
 
     # -- configuration -------------------------------------------------------------------------------------
     def _resolve(self, user: Any) -> dict[str, Any]:
@@ -274,7 +274,8 @@ class DeepSpeedTrainer:
                 "grad_accum": self.grad_accum, "max_length": self.max_length, "warmup_ratio": self.warmup_ratio,
                 "weight_decay": self.weight_decay, "max_grad_norm_abort": self.max_grad_norm_abort,
                 "gradient_checkpointing": self.gradient_checkpointing, "optimizer": self.optimizer,
-                "checkpoint_every": self.checkpoint_every, "threads": self._threads(), "ds_config": self.ds_config}
+                "checkpoint_every": self.checkpoint_every, "threads": self._threads(), "grad_stats": self.grad_stats,
+                "ds_config": self.ds_config}
 
     def _threads(self) -> int:
         if self.threads_per_rank:

@@ -29,8 +29,8 @@ from alignlab.losses import PairLogps
 from alignlab.models import load_tokenizer, resolve_path
 from alignlab.records import Pair, atomic_write_text
 from alignlab.train import NonFiniteLossError
-from alignlab.train.batching import Encoded, collate, response_logps, token_logps_of
-from alignlab.train.callbacks import CallbackList, TrainState, write_step_log
+from alignlab.train.batching import Encoded, collate, response_logps, token_logps, token_logps_of
+from alignlab.train.callbacks import CallbackList, GradStats, TrainState, write_step_log
 from alignlab.train.torch_trainer import batch_plan, cosine_with_warmup, encode_pairs, epoch_of, summarize
 
 T0 = time.time()
@@ -183,11 +183,16 @@ def run_train(work: Path, job: dict[str, Any]) -> None:
     def token_logps(idx) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return gathered_token_logps(engine_box[0], enc, list(idx), tok.pad_token_id, micro, rank, world)
 
-    def grad_vector() -> torch.Tensor:
-        raise NotImplementedError("DeepSpeed ZeRO exposes the gradient only at the optimiser step, not per "
-                                  "micro-batch: gradient statistics need trainer=torch")
+    # ZeRO reduces and partitions gradients inside backward; for gradient statistics each micro-batch's gradient
+    # is also taken with autograd.grad (one more backward) and summed over the ranks: the step's accumulated
+    # gradient so far, as TorchTrainer's p.grad. Needs full weights on every rank (ZeRO-0/1/2).
+    acc_grad: list[torch.Tensor] = []
 
-    cbs = CallbackList(callbacks)
+    def grad_vector() -> torch.Tensor:
+        return acc_grad[0]
+
+    grad_stats = bool(job.get("grad_stats"))
+    cbs = CallbackList([*callbacks, *([GradStats()] if grad_stats else [])])
     state = TrainState(pairs=pairs, enc=enc, ref_logps=ref, round_dir=Path(job["out_dir"]).parent, seed=job["seed"],
                        batch_size=micro * world, epochs=job["epochs"], token_logps=token_logps,
                        grad_vector=grad_vector, rank=rank, world=world)
@@ -207,6 +212,8 @@ def run_train(work: Path, job: dict[str, Any]) -> None:
                                                    lr_scheduler=schedule, config=ds_config)
     engine.train()
     engine_box.append(engine)
+    named = {k: p for k, p in engine.module.named_parameters() if p.requires_grad}
+    n_params = sum(p.numel() for p in named.values())
     note(rank, f"DeepSpeed engine ready (ZeRO-{engine.zero_optimization_stage()})")
     note(rank, f"{total_steps} steps of {state.draw_size} drawn pairs per global micro-batch")
     cbs.train_begin(state)  # before a DeepSpeed checkpoint is loaded: callbacks see the round's starting weights
@@ -243,6 +250,7 @@ def run_train(work: Path, job: dict[str, Any]) -> None:
         n_pairs = sum(len(b) for b in group)
         sums = torch.zeros(len(keys), dtype=torch.float64, device=device)
         step_tokens = 0
+        acc_grad[:] = [torch.zeros(n_params, device=device)] if grad_stats else []
         for m in range(ga):
             batch = group[m] if m < len(group) else []
             idx = shard(batch, rank, world)
@@ -250,6 +258,9 @@ def run_train(work: Path, job: dict[str, Any]) -> None:
                 pc, pr, nc, nr = forward(engine, [enc[i] for i in idx], tok.pad_token_id, device)
                 ix = torch.tensor(idx, device=device)
                 losses, metrics = loss(PairLogps(pc, pr, ref_c[ix], ref_r[ix], nc, nr))
+                if grad_stats:
+                    micro_grad = micro_batch_grad(engine.module, named, [enc[i] for i in idx], tok.pad_token_id,
+                                                  device, loss, ref_c[ix], ref_r[ix], n_pairs)
                 # DeepSpeed divides by gas and averages over ranks: undo both so the step's gradient is
                 # sum(per-pair loss) / pairs-in-step, exactly as TorchTrainer.
                 engine.backward(losses.sum() * (world * ga / n_pairs))
@@ -258,6 +269,10 @@ def run_train(work: Path, job: dict[str, Any]) -> None:
             else:  # ranks must run the same forwards/backwards (ZeRO collectives): a zero-weight one
                 pc, pr, _, _ = forward(engine, dummy, tok.pad_token_id, device)
                 engine.backward((pc.sum() + pr.sum()) * 0.0)
+                micro_grad = torch.zeros(n_params, device=device) if grad_stats else None
+            if grad_stats:
+                dist.all_reduce(micro_grad)  # this global micro-batch's gradient (every rank, same collectives)
+                acc_grad[0] = acc_grad[0] + micro_grad
             if batch:
                 cbs.backward_end(state, batch)
                 step_tokens += sum(len(enc[i][0].ids) + len(enc[i][1].ids) for i in batch)
@@ -306,6 +321,29 @@ def run_train(work: Path, job: dict[str, Any]) -> None:
             {"steps": total_steps, "trained_tokens": trained_tokens, "history": history, "summary": summary}))
     note(rank, f"saved {out}")
     dist.barrier()
+
+
+def micro_batch_grad(module, named: dict[str, torch.Tensor], items: list, pad_id: int, device, loss,
+                     ref_c: torch.Tensor, ref_r: torch.Tensor, n_pairs: int) -> torch.Tensor:
+    """This rank's share of a micro-batch's gradient (sum of its pairs' losses / pairs in the step) as one flat fp32
+    vector. A functional forward + backward of its own (torch.func), so DeepSpeed's gradient hooks, which reduce
+    and partition ``.grad`` inside its backward, neither see nor disturb it: the price of gradient statistics."""
+    from torch.func import functional_call, grad
+
+    ids, attn, tmask = collate([c for c, _ in items] + [r for _, r in items], pad_id)
+    ids, attn, tmask = ids.to(device), attn.to(device), tmask.to(device)
+    B = len(items)
+
+    def objective(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = functional_call(module, params, (), {"input_ids": ids, "attention_mask": attn, "use_cache": False})
+        lp = (token_logps(logits.logits, ids) * tmask).sum(-1)
+        n = tmask.sum(-1)
+        losses, _ = loss(PairLogps(lp[:B], lp[B:], ref_c, ref_r, n[:B], n[B:]))
+        return losses.sum() / n_pairs
+
+    detached = {k: p.detach() for k, p in named.items()}
+    g = grad(objective)(detached)
+    return torch.cat([g[k].reshape(-1).float() for k in named])
 
 
 def gathered_token_logps(engine, enc: list, idx: list[int], pad_id: int, micro: int, rank: int,
