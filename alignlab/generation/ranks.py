@@ -69,7 +69,9 @@ class RankGenerator:
         shutil.rmtree(work, ignore_errors=True)  # left by a killed run: shards are cheap to redo
         work.mkdir(parents=True)
         self.inner.release()  # the runner holds no weights; the ranks load them
-        (work / "generator.pkl").write_bytes(pickle.dumps(self.inner))
+        tmp = work / "generator.pkl.tmp"
+        tmp.write_bytes(pickle.dumps(self.inner))
+        tmp.replace(work / "generator.pkl")
         atomic_write_text(work / "prompts.json", json.dumps(prompts))
         atomic_write_text(work / "job.json", json.dumps(job))
         self.trainer.run_on_ranks(MODULE, work)
