@@ -230,7 +230,7 @@ def _rounds(cfg, out_dir, spec, data, gen, sampler, verifier, pair_builder, sele
             rs = sampler.sample(problems, ctx)
             return rs, {"prompts": len(problems), "samples": len(rs), "generated_tokens": sum(r.tokens for r in rs),
                         "forward_tokens": gen.forward_tokens, "flops": 2.0 * n_params * gen.forward_tokens,
-                        "ranks": getattr(gen, "ranks", 1)}
+                        "ranks": getattr(gen, "ranks", getattr(gen, "data_parallel_size", 1))}  # vLLM: its engines
 
         rollouts = jsonl_stage(rd / "rollouts.jsonl", Rollout, ledger, "sample", do_sample)
 
