@@ -282,3 +282,19 @@ def test_stage_lines_and_no_third_party_noise_in_a_run_log(one_round):
     assert re.search(r"round_1 reference: \d+ pairs, \d+ tokens in", out)
     assert re.search(r"round_1 train: \d+ pairs, \d+ steps, \d+ tokens in", out)
     assert "Loading weights" not in out and "Setting accelerator to CPU" not in out
+
+
+def test_rank_zero_bars_in_a_launcher_log_reach_the_console(tmp_path, capsys):
+    from alignlab.logging import RankBars
+
+    log = tmp_path / "launcher.log"
+    log.write_text("old launch\n")
+    bars = RankBars(log)
+    with open(log, "a") as f:  # what a rank writes: DeepSpeed chatter, transformers' noise, our bars
+        f.write("[INFO] [config.py:100] DeepSpeed config\nWriting model shards: 100%|##| 1/1 [00:00<00:00, 9.1it/s]\n")
+        f.write("\rsample n=8:  12%|#   | 1/8 [00:23<02:43, 23.38s/batch]\rsample n=8:  25%|##  | 2/8 [00:41<02:02, "
+                "20.39s/batch]")
+    bars.poll()
+    err = capsys.readouterr().err
+    assert "sample n=8:  25%" in err and "12%" not in err and "DeepSpeed config" not in err
+    assert "Writing model shards" not in err and "old launch" not in err

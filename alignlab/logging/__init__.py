@@ -6,7 +6,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import sys
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -114,6 +116,48 @@ def progress(iterable: Iterable | None = None, *, total: int | None = None, desc
     return Bar(iterable, total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True,
                disable=not is_main_process() or os.environ.get("ALIGNLAB_PROGRESS", "1") == "0",
                mininterval=interval_s or (0.5 if tty else LOG_INTERVAL_S))
+
+
+_BAR = re.compile(r".*\[[^\]]*(?:/s|s/)\w*\]")  # a tqdm line: "... 3/8 [00:10<00:20, 2.1s/batch]"
+
+
+class RankBars:
+    """Mirrors the progress bars that rank 0 draws into a launcher log (DeepSpeed / torchrun ranks write there,
+    not to this console) onto this process's console, at the same pace as :func:`progress`."""
+
+    def __init__(self, log_path: str | Path) -> None:
+        self.path = Path(log_path)
+        self.pos = self.path.stat().st_size if self.path.exists() else 0  # earlier launches appended above
+        self.tty = sys.stderr.isatty()
+        self.interval = 0.5 if self.tty else LOG_INTERVAL_S
+        self.last_t, self.drawn = 0.0, False
+        self.enabled = is_main_process() and os.environ.get("ALIGNLAB_PROGRESS", "1") != "0"
+
+    def poll(self) -> None:
+        """Show the newest bar line written since the last poll (at most once per interval)."""
+        if not self.enabled or time.monotonic() - self.last_t < self.interval:
+            return
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return
+        if size <= self.pos:
+            return
+        with open(self.path, "rb") as f:
+            f.seek(self.pos)
+            data = f.read(size - self.pos).decode("utf-8", errors="replace")
+        self.pos = size
+        bars = [x.strip() for x in re.split(r"[\r\n]", data)
+                if _BAR.fullmatch(x.strip()) and not x.strip().startswith(QUIET_BARS)]
+        if bars:
+            sys.stderr.write(f"\r{bars[-1][:160]}\x1b[K" if self.tty else f"[rank 0] {bars[-1][:160]}\n")
+            sys.stderr.flush()
+            self.last_t, self.drawn = time.monotonic(), True
+
+    def close(self) -> None:
+        if self.drawn and self.tty:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
 
 
 QUIET_BARS = ("Loading weights", "Writing model shards")  # transformers' per-load bars: noise, twice a stage

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from alignlab.checks import read_hostfile, read_json_object, require_nvme_dir
-from alignlab.logging import progress
+from alignlab.logging import RankBars, progress
 from alignlab.records import Pair, atomic_write_text
 from alignlab.train import NonFiniteLossError, TrainResult
 
@@ -321,13 +321,17 @@ class DeepSpeedTrainer:
         try:
             proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=str(work),
                                     preexec_fn=_die_with_parent)
+            bars = RankBars(work / "launcher.log")  # rank 0's progress bars, on this console
             try:
                 while proc.poll() is None:
                     time.sleep(0.5)
                     on_progress()
+                    bars.poll()
             except BaseException:
                 _stop(proc)
                 raise
+            finally:
+                bars.close()
         finally:
             logf.close()
         errors = sorted(work.glob("error.rank*.json"))
