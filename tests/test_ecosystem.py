@@ -65,8 +65,9 @@ def test_verl_preset_on_a_local_parquet_runs_one_round(tmp_path):
 
     datasets.Dataset.from_list(_verl_rows(_arith_rows(60))).to_parquet(tmp_path / "train.parquet")
     run = tmp_path / "run"
+    # with a hub that cannot be reached and no HF_HUB_OFFLINE: a run on local data and a local model never needs it
     alignlab("data=verl", f"data.path={tmp_path / 'train.parquet'}", "data.difficulty_key=extra_info.level",
-             *ROUND, f"hydra.run.dir={run}")
+             *ROUND, f"hydra.run.dir={run}", env=UNREACHABLE)
     s = json.loads((run / "summary.json").read_text())
     assert s["base"]["n"] == 12 and s["rounds"][0]["ledger"]["prompts"] == 12
     prompts = [json.loads(line) for line in (run / "round_1" / "prompts.jsonl").read_text().splitlines()]
