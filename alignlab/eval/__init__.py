@@ -61,7 +61,7 @@ def greedy_eval(model_dir, generator, spec, tokenizer, problems: list[Problem], 
 
 
 class HeldoutEval:
-    """``eval=arith_heldout``: greedy decoding on the data group's held-out problems."""
+    """``eval=heldout``: greedy decoding on the data group's held-out problems."""
 
     uses_data_heldout = True  # the run's input checks make sure the data group names a held-out set
 

@@ -56,6 +56,10 @@ class ModelSpec:
     max_new_tokens: int = 1024
     # End-of-turn tokens besides the tokenizer's eos (the generator also finds the chat template's own).
     stop_tokens: list[str] | None = None
+    # The learning rate DPO was tuned at for this model: set once here, experiments refer to it as
+    # ${oc.select:model.dpo_lr,1.0e-4} (the trainer never reads it by itself: a preset that does not refer to it
+    # keeps its own rate).
+    dpo_lr: float | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
