@@ -1,0 +1,78 @@
+"""Architecture contracts: a component is added from outside the package through Hydra's search path, and the
+quickstart's numbers for a seed do not move when the code is reorganised."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from conftest import TINY_RUN, alignlab
+
+BUILDER = '''
+from alignlab.pairs import group_by_problem, make_pair
+
+
+class LongestWrongPairBuilder:
+    """One pair per prompt: the first correct sample against the longest wrong one."""
+
+    def __init__(self, min_wrong_chars: int = 0) -> None:
+        self.min_wrong_chars = min_wrong_chars
+
+    def build(self, problems, rollouts, prompts, seed):
+        groups = group_by_problem(rollouts)
+        pairs = []
+        for p in problems:
+            rs = groups.get(p.id, [])
+            good = [r for r in rs if r.verdict]
+            bad = [r for r in rs if r.verdict is False and len(r.text) >= self.min_wrong_chars]
+            if good and bad:
+                pairs.append(make_pair(prompts[p.id], good[0], max(bad, key=lambda r: len(r.text)), "longest_wrong"))
+        return pairs
+'''
+
+
+def test_a_pair_builder_added_from_a_directory_outside_the_package_runs_a_round(tmp_path):
+    """One class plus one yaml file, found through hydra.searchpath and PYTHONPATH: no alignlab file changes."""
+    plug = tmp_path / "plugin"
+    (plug / "pair_builder").mkdir(parents=True)
+    (plug / "my_builders.py").write_text(BUILDER)
+    (plug / "pair_builder" / "longest_wrong.yaml").write_text(
+        "_target_: my_builders.LongestWrongPairBuilder\nmin_wrong_chars: 1\n")
+    out = tmp_path / "run"
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(plug), os.environ.get("PYTHONPATH")]))}
+    alignlab(f"hydra.searchpath=[file://{plug}]", "pair_builder=longest_wrong", "rounds=1", "base_eval=false",
+             *TINY_RUN, f"hydra.run.dir={out}", env=env)
+    rollouts = [json.loads(line) for line in (out / "round_1" / "verdicts.jsonl").read_text().splitlines()]
+    pairs = [json.loads(line) for line in (out / "round_1" / "pairs.jsonl").read_text().splitlines()]
+    assert pairs, "the reduced round made no pair: the test says nothing"
+    for p in pairs:
+        wrong = [r["text"] for r in rollouts if r["problem_id"] == p["problem_id"] and r["verdict"] is False]
+        assert p["meta"]["kind"] == "longest_wrong" and len(p["rejected"]) == max(map(len, wrong))
+    train = json.loads((out / "round_1" / "train.json").read_text())
+    assert train["trained_pairs"] == len(pairs) and (out / "round_1" / "checkpoint" / "config.json").exists()
+    assert json.loads((out / "summary.json").read_text())["rounds"][0]["pairs"] == len(pairs)
+
+
+# Recorded with the code before the runner/training-core refactor (commit 24f0343), same command as below.
+QUICKSTART_BEFORE = {
+    "base": 0.125,
+    "rounds": [  # (accuracy, pairs, selected, generated tokens, trained tokens, forward tokens, final train loss)
+        (0.16666666666666666, 7, 7, 3847, 1036, 6844, 0.6931161085764568),
+        (0.125, 7, 7, 3825, 954, 6638, 0.6936730146408081),
+    ],
+}
+
+
+@pytest.mark.slow
+def test_reduced_quickstart_gives_the_numbers_recorded_before_the_refactor(tmp_path):
+    out = tmp_path / "run"
+    alignlab("experiment=quickstart", "rounds=2", "data.train_prompts=24", "data.eval_problems=24", "sampler.n=4",
+             "trainer.epochs=1", "trainer.batch_size=4", "logger=none", "threads=1", f"hydra.run.dir={out}")
+    s = json.loads((out / "summary.json").read_text())
+    assert s["base"]["accuracy"] == QUICKSTART_BEFORE["base"]
+    got = [(r["eval"]["accuracy"], r["pairs"], r["selected"], r["ledger"]["generated_tokens"],
+            r["ledger"]["trained_tokens"], r["ledger"]["forward_tokens"]) for r in s["rounds"]]
+    assert got == [row[:6] for row in QUICKSTART_BEFORE["rounds"]]
+    for r, row in zip(s["rounds"], QUICKSTART_BEFORE["rounds"]):
+        assert r["train"]["loss"] == pytest.approx(row[6], abs=1e-5)
