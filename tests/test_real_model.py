@@ -165,7 +165,7 @@ def test_smollm2_conversion_round_and_eval(smollm2_dir, tmp_path):
 
     out = tmp_path / "run"  # one tiny round; label noise makes pairs from wrong answers (reduced README round)
     alignlab("experiment=smollm2_arith", "data.train_prompts=3", "data.eval_problems=2", "sampler.n=4",
-             "generation.max_new_tokens=24", "verifier=noisy", "verifier.epsilon=0.5", "logger=none",
+             "generation.max_new_tokens=24", "verifier=noisy", "verifier.epsilon=0.5", "logger=none", "threads=1",
              f"hydra.run.dir={out}", timeout=900)
     summary = json.loads((out / "summary.json").read_text())
     rnd = summary["rounds"][0]
@@ -178,7 +178,7 @@ def test_smollm2_conversion_round_and_eval(smollm2_dir, tmp_path):
 
     # eval of the round's checkpoint with no generation overrides: the model config's limit, not the embedded 96
     alignlab("eval", f"model={ckpt}", "eval=math_suite", "eval.benchmarks=[gsm8k]", "eval.limit=1",
-             f"hydra.run.dir={tmp_path / 'ev'}", timeout=900)
+             f"hydra.run.dir={tmp_path / 'ev'}", timeout=900, env={"OMP_NUM_THREADS": "1"})  # 2 cores may be shared
     gsm = json.loads((tmp_path / "ev" / "eval.json").read_text())["gsm8k"]
     assert gsm["max_new_tokens"] == 512 and gsm["n"] == 1 and gsm["finished_rate"] in (0.0, 1.0)
 
