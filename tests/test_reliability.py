@@ -119,7 +119,8 @@ def _trial(ref: dict, d: Path, pattern: str, delay: float) -> dict:
     interrupted = not (d / "summary.json").exists()
     seen = sorted(str(p.relative_to(d)) for p in d.glob("**/*") if ".hydra" not in p.parts and p.is_file()
                   and "checkpoint" not in p.parent.name)
-    res = alignlab(*RUN, f"hydra.run.dir={d}", "resume=true", env=ENV)
+    # killed before it wrote anything: there is no run to resume (resume=true would refuse the missing dir)
+    res = alignlab(*RUN, f"hydra.run.dir={d}", *(["resume=true"] if d.exists() else []), env=ENV)
     return {"pattern": pattern, "delay": round(delay, 3), "interrupted": interrupted, "seen": seen, "crashed": crashed,
             "log": res.stderr + res.stdout}
 
