@@ -248,3 +248,19 @@ def test_reduced_pace_run_end_to_end_reports_effective_n_and_chosen_fp_rate(tmp_
     assert r["pairs"] == len(pairs) and {p["meta"]["kind"] for p in pairs} <= {"corrective", "natural"}
     assert all("Previous attempt" not in p["prompt"] for p in pairs)
     assert all(p["meta"]["chosen_true"] is not None for p in pairs)
+
+
+def test_arith_steps_gate_off_is_one_override_and_then_a_false_step_refinement_passes(tiny_dir):
+    """The fair noise-study setting (experiments/pace/README.md): without `arith_steps`, PACE has no process oracle
+    that DPO-R1 lacks, so a refinement with a false step but the right boxed answer is accepted as DPO-R1's would be."""
+    from alignlab import config as C
+    from tests.test_config import _choices, _compose
+
+    cfg = _compose(["experiment=pace", "sampler.gates.arith_steps=null", f"model.path={tiny_dir}"])
+    sampler = C.build("sampler", cfg.sampler, _choices(cfg))
+    assert [g.name for g in sampler.gates] == ["verified", "no_hint_leak", "format", "proximity"]
+    false_step = cand("5 + 7 = 13\n13 - 4 = 8\nThe answer is \\boxed{8}.")
+    on = _compose(["experiment=pace", f"model.path={tiny_dir}"])
+    with_gate = C.build("sampler", on.sampler, _choices(on)).gates
+    assert apply_gates(with_gate, [false_step], None) == ["arith_steps"]
+    assert apply_gates(sampler.gates, [cand("5 + 7 = 13\n13 - 4 = 8\nThe answer is \\boxed{8}.")], None) == [PASS]
