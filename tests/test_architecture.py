@@ -76,3 +76,15 @@ def test_reduced_quickstart_gives_the_numbers_recorded_before_the_refactor(tmp_p
     assert got == [row[:6] for row in QUICKSTART_BEFORE["rounds"]]
     for r, row in zip(s["rounds"], QUICKSTART_BEFORE["rounds"]):
         assert r["train"]["loss"] == pytest.approx(row[6], abs=1e-5)
+
+
+def test_a_private_api_at_an_untested_version_fails_naming_library_version_and_range(monkeypatch):
+    import transformers
+
+    from alignlab import _compat
+
+    monkeypatch.setitem(_compat.TESTED, "transformers", ("0.1", "0.2"))
+    with pytest.raises(_compat.UntestedVersion, match=rf"transformers {transformers.__version__} .*>=0.1,<0.2"):
+        _compat.dynamic_layer_base()
+    monkeypatch.undo()
+    assert _compat.dynamic_layer_base().__name__ == "DynamicLayer"  # the installed version is in the tested range

@@ -88,14 +88,17 @@ def test_hf_generation_reproducible_per_sample_whatever_the_batch(tiny_dir):
     assert len(greedy[0]) == 1 and greedy[0][0].finished
 
 
-def test_preallocated_kv_cache_gives_the_same_samples_as_transformers_dynamic_cache(tiny_dir):
+def test_preallocated_kv_cache_gives_the_same_samples_as_transformers_dynamic_cache(tiny_dir, monkeypatch):
+    import alignlab.generation.hf as hf
+
     tok = load_tokenizer(tiny_dir)
     spec = ModelSpec(path=str(tiny_dir))
     prompts = [spec.render(tok, p.text) for p in arith.generate(12, "train", seed=4)]
     outs = []
     for prealloc in (True, False):
         g = HFGenerator(max_new_tokens=48, batch_size=16)
-        g.prealloc_kv = prealloc
+        if not prealloc:  # past_key_values=None: transformers' own DynamicCache
+            monkeypatch.setattr(hf, "_prealloc_cache", lambda extra: None)
         outs.append([(s.text, s.logprob_sum, s.entropy, s.finished) for o in g.generate(tiny_dir, prompts, 4, seed=3)
                      for s in o])
     assert outs[0] == outs[1]

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
+from alignlab._compat import cache_with_layer_class, dynamic_layer_base
 from alignlab.generation import Sample, sample_seed, stop_token_ids
 from alignlab.models import load_model, load_tokenizer, resolve_path
 
@@ -35,7 +34,7 @@ def uniform_noise(seeds: Tensor, step: int, vocab: int) -> Tensor:
     return ((x & _MASK53).double() + 0.5) / float(1 << 53)
 
 
-class _PreallocLayer(DynamicLayer):
+class _PreallocLayer(dynamic_layer_base()):  # type: ignore[misc]
     """A KV-cache layer that writes each step into a preallocated buffer instead of ``torch.cat``-ing the whole
     cache (transformers' DynamicLayer copies every cached position at every step: O(T^2) bytes). Attention sees a
     view of the same length and values, so the outputs are the same; ``extra`` positions are reserved up front."""
@@ -80,10 +79,10 @@ class _PreallocLayer(DynamicLayer):
             self._realloc(self._k.shape[-2], indices)
 
 
-def _prealloc_cache(extra: int) -> DynamicCache:
-    cache = DynamicCache()
-    cache.layer_class_to_replicate = type("PreallocLayer", (_PreallocLayer,), {"extra": extra})
-    return cache
+def _prealloc_cache(extra: int):
+    """A ``DynamicCache`` of preallocated layers reserving ``extra`` positions (tests swap this function for
+    ``lambda extra: None``, transformers' own cache, to check both give the same samples)."""
+    return cache_with_layer_class(type("PreallocLayer", (_PreallocLayer,), {"extra": extra}))
 
 
 class HFGenerator:
@@ -107,7 +106,6 @@ class HFGenerator:
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.dtype = getattr(torch, dtype)
-        self.prealloc_kv = True  # False: transformers' DynamicCache (kept to test that both give the same samples)
         self._loaded: tuple[str, object, object] | None = None
 
     def _load(self, model_dir: str | Path):
@@ -172,7 +170,7 @@ class HFGenerator:
         ids, attn = ids.to(dev), attn.to(dev)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
-                    past_key_values=_prealloc_cache(self.max_new_tokens) if self.prealloc_kv else None)
+                    past_key_values=_prealloc_cache(self.max_new_tokens))
         cache, logits = out.past_key_values, out.logits[:, -1]
         next_pos = pos[:, -1:] + 1
         if n > 1:

@@ -251,33 +251,20 @@ def _generation_eos(model_dir: str) -> list[int]:
 
 
 def _shutdown(llm) -> None:
-    """Best effort across vLLM versions: stop the engine core, drop parallel state, free the cache."""
-    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-    if core is not None and hasattr(core, "shutdown"):
-        try:
-            core.shutdown()
-        except Exception as e:  # noqa: BLE001
-            log.debug("vLLM engine shutdown: %s", e)
-    del llm
-    try:
-        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+    """Stop the engine core, drop parallel state (vLLM internals: alignlab/_compat.py), free the cache."""
+    from alignlab._compat import shutdown_vllm
 
-        destroy_model_parallel()
-        destroy_distributed_environment()
-    except Exception as e:  # noqa: BLE001
-        log.debug("vLLM parallel state cleanup: %s", e)
+    shutdown_vllm(llm)
+    del llm
     _free_cuda()
 
 
 def _free_cuda() -> None:
-    gc.collect()
-    try:
-        import torch
+    import torch
 
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _cuda_count() -> int:

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from alignlab._compat import skip_cpu_shm_allreduce, zero3_full_state_dict
 from alignlab.losses import PairLogps
 from alignlab.models import load_tokenizer, resolve_path
 from alignlab.records import Pair, atomic_write_text
@@ -307,7 +308,7 @@ def run_train(work: Path, job: dict[str, Any]) -> None:
     extra = cbs.train_end(state, history)
     write_step_log(state, history)
     if engine.zero_optimization_stage() == 3:
-        sd = engine._zero3_consolidated_16bit_state_dict()  # collective; full weights on rank 0 only
+        sd = zero3_full_state_dict(engine)  # collective; full weights on rank 0 only
     else:
         sd = None
     if rank == 0:
@@ -435,16 +436,9 @@ def main(argv: list[str] | None = None) -> None:
     job = json.loads((work / "job.json").read_text())
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
-    import importlib
-
     import deepspeed
-    from deepspeed.accelerator import get_accelerator
 
-    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")  # the attribute is shadowed by torch itself
-
-    if get_accelerator().device_name() == "cpu" and hasattr(ds_torch_comm, "build_shm_op"):
-        # plain gloo on CPU: DeepSpeed's shared-memory all-reduce is a C++ op JIT-compiled on first use (~1 min)
-        ds_torch_comm.build_shm_op = lambda: None
+    skip_cpu_shm_allreduce()  # plain gloo on CPU (no minute-long JIT build of a shared-memory op)
     deepspeed.init_distributed(verbose=False)
     import torch.distributed as dist
 
