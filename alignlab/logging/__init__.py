@@ -168,10 +168,8 @@ def quiet_third_party() -> None:
     """Silence third-party console noise that says nothing about the run (bars of every weight load, DeepSpeed's
     accelerator warning); their real warnings and errors still show."""
     logging.getLogger("DeepSpeed").addFilter(lambda r: not any(m in r.getMessage() for m in QUIET_MESSAGES))
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:
-        return
+    from transformers.utils import logging as hf_logging
+
     if hasattr(hf_logging, "set_tqdm_hook"):
         def hook(factory, args, kwargs):
             if kwargs.get("desc") in QUIET_BARS:

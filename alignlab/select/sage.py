@@ -33,7 +33,6 @@ import torch
 
 from alignlab.records import Pair, Selected, write_jsonl
 from alignlab.select.curriculum import Curriculum, top_k
-from alignlab.train.batching import token_logps_of
 from alignlab.train.callbacks import TrainerCallback, TrainState
 
 log = logging.getLogger("alignlab")
@@ -160,19 +159,17 @@ class SageSelector:
         if scorer is None:
             raise ValueError("selector=sage with granularity=pool needs the runner's pair scorer")
         lp = scorer(pairs)
-        tok = getattr(scorer, "token_stats", None)
-        ts = tok(pairs) if (tok is not None and self.uses_token_stats) else {}
-        if self.uses_token_stats and not ts:
+        if self.uses_token_stats:
             log.warning("sage: the scorer gives summed log-probs only; the pool-level stable score runs with s^2=0 "
                         "(= newton). Use granularity=step for token-level stability.")
         mu, s2 = self.features(lp["policy_chosen"], lp["policy_rejected"], lp["ref_chosen"], lp["ref_rejected"],
-                               lp["chosen_tokens"], lp["rejected_tokens"], ts.get("chosen_var"), ts.get("rejected_var"))
+                               lp["chosen_tokens"], lp["rejected_tokens"])
         if np.all(np.abs(mu) < 1e-6):
             log.warning("sage: every pool-level margin is 0 (reference = this round's policy?): ranking is random; "
                         "use selector.granularity=step")
         scores = self.score(mu, s2)
         kept = self.keep(scores, plan["buckets"], plan["stage"], np.random.default_rng(seed))
-        info = {"granularity": "pool", "n": len(pairs), "kept": len(kept), "stability": bool(ts),
+        info = {"granularity": "pool", "n": len(pairs), "kept": len(kept), "stability": False,
                 **_bucket_info(plan, kept), **_histograms(mu, scores, kept)}
         return _annotated(pairs, kept, scores, mu, plan, info, s2)
 
@@ -310,19 +307,3 @@ class SageStepFilter(TrainerCallback):
 
 def _var(x: torch.Tensor) -> float:
     return float(x.var(unbiased=False)) if x.numel() > 1 else 0.0
-
-
-def token_ratio_var(policy_dir: str, ref_dir: str, pairs: list[Pair], max_len: int = 1024) -> dict[str, list[float]]:
-    """Per-pair variance over tokens of log pi/pi_ref for chosen and rejected: the pool-level stability input.
-
-    For a runner whose scorer exposes it as ``scorer.token_stats`` (see experiments/sage/README.md).
-    """
-    from alignlab.models import load_model, load_tokenizer
-    from alignlab.train.torch_trainer import encode_pairs
-
-    tok = load_tokenizer(policy_dir)
-    enc = encode_pairs(tok, pairs, max_len)
-    pol = token_logps_of(load_model(policy_dir).eval(), enc, tok.pad_token_id)
-    ref = pol if ref_dir == policy_dir else token_logps_of(load_model(ref_dir).eval(), enc, tok.pad_token_id)
-    return {"chosen_var": [_var(a[0] - b[0]) for a, b in zip(pol, ref)],
-            "rejected_var": [_var(a[1] - b[1]) for a, b in zip(pol, ref)]}
