@@ -219,8 +219,15 @@ def _rounds(cfg, out_dir, spec, data, gen, sampler, verifier, pair_builder, sele
         rd = out_dir / f"round_{k}"
         rd.mkdir(exist_ok=True)
         ledger = Ledger(rd / "ledger.json")
+        gated = {"forward_tokens": 0}  # a sampler's own scoring passes (PACE's exact proximity gate)
+
+        def sampler_logps(d, ps, rd=rd, gated=gated):
+            res = trainer.logps(d, ps, workdir=rd)
+            gated["forward_tokens"] += int(res.get("forward_tokens", 0))
+            return res
+
         ctx = SampleContext(start_dir, gen, spec, tok, verifier, seed=int(cfg.seed) * 1_000_003 + k, base_dir=base_dir,
-                            logps=lambda d, ps, rd=rd: trainer.logps(d, ps, workdir=rd))
+                            logps=sampler_logps)
         problems = jsonl_stage(rd / "prompts.jsonl", Problem, ledger, "prompts",
                                lambda: (data.train(k), {}))
         gold = {p.id: p.answer for p in problems}
@@ -228,6 +235,9 @@ def _rounds(cfg, out_dir, spec, data, gen, sampler, verifier, pair_builder, sele
         def do_sample():
             gen.forward_tokens = 0
             rs = sampler.sample(problems, ctx)
+            if gated["forward_tokens"]:  # its own ledger entry (its wall time is inside the sample stage's)
+                ledger.record("proximity", wall_s=0.0, forward_tokens=gated["forward_tokens"],
+                              flops=2.0 * n_params * gated["forward_tokens"], ranks=trainer.world_size())
             return rs, {"prompts": len(problems), "samples": len(rs), "generated_tokens": sum(r.tokens for r in rs),
                         "forward_tokens": gen.forward_tokens, "flops": 2.0 * n_params * gen.forward_tokens,
                         "ranks": getattr(gen, "ranks", getattr(gen, "data_parallel_size", 1))}  # vLLM: its engines
@@ -252,6 +262,10 @@ def _rounds(cfg, out_dir, spec, data, gen, sampler, verifier, pair_builder, sele
             write_jsonl(rd / "pairs.conversational.jsonl", [conversational_pair(p, messages[p.problem_id]) for p in pairs])
         chain = [base_dir] + [str(out_dir / f"round_{j}" / "checkpoint") for j in range(1, k)]
         scorer = make_scorer(reference, chain, rd, trainer)
+        if hasattr(selector, "observe_round"):  # a curriculum advances on the round and its all-prompt pass rates
+            rates = [json.loads((out_dir / f"round_{j}" / "metrics.json").read_text())["diagnostics"]["mean_pass_rate"]
+                     for j in range(1, k)]
+            selector.observe_round(k, [*rates, rollout_diagnostics(problems, verdicts)["mean_pass_rate"]])
 
         def do_select():
             chosen = selector.select(pairs, seed=int(cfg.seed) + k, scorer=scorer)

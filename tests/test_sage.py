@@ -159,6 +159,33 @@ def test_curriculum_competence_is_the_pools_mean_pass_rate_per_prompt():
         Curriculum(stages=[[0.5, 0.5, 0.5]], advance_at=[])
 
 
+def test_curriculum_reaches_stages_2_and_3_by_rounds_or_by_pass_rate_gain_and_logs_them():
+    pairs, lp = _pairs()  # pool competence 0.5 in every round: the pool rule gives stage 2 whatever the round
+    by_rounds = _sel(keep_ratio=0.5, curriculum=Curriculum())  # the default: advance_by=rounds, 1 round per stage
+    stages = []
+    for k in (1, 2, 3, 4):
+        by_rounds.observe_round(k, [0.2] * k)  # flat pass rate: stages advance on rounds alone
+        info = by_rounds.select(pairs, seed=0, scorer=_scorer(lp))[0].pair.meta["sage_round"]
+        stages.append(info["stage"])
+        assert info["advance_by"] == "rounds" and info["competence"] == pytest.approx(Curriculum.competence(pairs))
+    assert stages == [1, 2, 3, 3]
+    assert Curriculum(rounds_per_stage=2).decide(pairs, {"round": 3, "pass_rates": []})[1] == 1  # 0-based: stage 2
+    gain = Curriculum(advance_by="pass_rate_gain", advance_at=[0.05, 0.1])
+    # competence = all-prompt pass rate now minus round 1's (the base policy's)
+    got = [gain.decide(pairs, {"round": len(r), "pass_rates": r}) for r in ([0.2], [0.2, 0.26], [0.2, 0.26, 0.31])]
+    assert [st for _, st in got] == [0, 1, 2] and got[2][0] == pytest.approx(0.11)
+    assert Curriculum(advance_by="pool").decide(pairs, {"round": 3, "pass_rates": [0.2, 0.3, 0.4]})[1] == 1
+    sel = _sel(curriculum=gain)
+    sel.observe_round(2, [0.2, 0.35])
+    step = SageStepFilter(sel)
+    step.plan = sel.plan(pairs)
+    assert step.plan["stage"] == 2 and step.plan["competence"] == pytest.approx(0.15)
+    with pytest.raises(ValueError, match="advance_by"):
+        Curriculum(advance_by="epochs")
+    with pytest.raises(ValueError, match="rounds_per_stage"):
+        Curriculum(rounds_per_stage=0)
+
+
 def test_constructor_rejects_impossible_values_naming_the_argument():
     for kw, name in (({"keep_ratio": 0}, "keep_ratio"), ({"keep_ratio": 1.5}, "keep_ratio"), ({"score": "x"}, "score"),
                      ({"granularity": "batch"}, "granularity"), ({"lam": -1}, "lam"), ({"beta": 0}, "beta")):
@@ -189,7 +216,7 @@ def one_thread():
 def test_step_hook_keeps_ceil_gamma_of_each_candidate_batch_and_logs_grad_variance(tiny_dir, tmp_path, one_thread):
     pairs = _real_pairs(tiny_dir, 30)
     ref = reference_logps(tiny_dir, pairs)
-    sel = SageSelector(keep_ratio=0.4, granularity="step", curriculum=Curriculum())
+    sel = SageSelector(keep_ratio=0.4, granularity="step", curriculum=Curriculum(advance_by="pool"))
     tr = TorchTrainer(lr=1e-3, epochs=1, batch_size=2, grad_accum=2, grad_stats=True)
     res = tr.train(tiny_dir, pairs, ref, DPOLoss(), tmp_path / "ckpt", seed=0, callbacks=sel.callbacks())
     # candidate batches of floor(2 / 0.4) = 5 pairs, 2 per step: 30 pairs -> 6 batches -> 3 steps, 2 + 2 kept each

@@ -4,11 +4,19 @@ Pools are refreshed on-policy every round (each round samples fresh), so the cur
 decide *how the kept pairs are spread over difficulty*. Defaults (SAGE, arXiv 2602.01207; inferred, the paper's values are not public):
 easy p >= 0.75, medium 0.25 <= p < 0.75, hard p < 0.25; stages 0.5/0.4/0.1 -> 0.2/0.5/0.3 -> 0.1/0.4/0.5.
 
-Competence is the mean pass rate of the round's pool (each paired prompt counted once; prompts solved
-always or never give no pair and are not in the pool), i.e. "policy accuracy on the current pool" of §8.
-The stage is a pure function of that competence (stage k once competence >= advance_at[k-1]), so a
-resumed run re-derives it from the saved pairs and never depends on in-memory history; as competence
-rises over rounds the stage advances (and it may step back if competence falls).
+When the stage advances is ``advance_by`` (a knob; SAGE's own rule is not public):
+
+* ``rounds`` (default): stage k in round 1 + (k - 1) * rounds_per_stage, so a 3-round study runs stages 1, 2, 3.
+  The competence rules below never left stage 1 in our studies (pool competence 0.27-0.37 against 0.5), so the
+  curriculum ablation tested nothing; this rule makes every stage act within the study.
+* ``pass_rate_gain``: competence = the round's all-prompt mean pass rate (every prompt, paired or not, from the
+  runner's rollout diagnostics) minus round 1's, i.e. the gain over the base policy; stage k once it reaches
+  ``advance_at[k-1]``.
+* ``pool``: competence = the mean pass rate of the round's pool (each paired prompt counted once; prompts solved
+  always or never give no pair), "policy accuracy on the current pool" of §8; stage k once >= ``advance_at[k-1]``.
+
+Each is a pure function of the round index and saved artifacts (the runner passes the round and the all-prompt pass
+rates of rounds 1..k through ``SageSelector.observe_round``), so a resumed run re-derives the stage.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from alignlab.records import Pair
 
 BUCKETS = ("easy", "medium", "hard")
 STAGES = ((0.5, 0.4, 0.1), (0.2, 0.5, 0.3), (0.1, 0.4, 0.5))  # sage.md §8, easy/medium/hard
+ADVANCE_BY = ("rounds", "pass_rate_gain", "pool")
 UNKNOWN = "unknown"  # pairs without a pass rate (builders that do not record it): proportion 0
 
 
@@ -36,7 +45,8 @@ class Curriculum:
     """Difficulty buckets + competence-driven stage proportions for the kept pairs."""
 
     def __init__(self, stages: Sequence[Sequence[float]] = STAGES, advance_at: Sequence[float] = (0.5, 0.7),
-                 easy_at: float = 0.75, hard_below: float = 0.25) -> None:
+                 easy_at: float = 0.75, hard_below: float = 0.25, advance_by: str = "rounds",
+                 rounds_per_stage: int = 1) -> None:
         self.stages = [_check_props(s, f"stages[{i}]") for i, s in enumerate(stages)]
         if not self.stages:
             raise ValueError("stages must list at least one (easy, medium, hard) proportion triple")
@@ -49,6 +59,11 @@ class Curriculum:
         if not 0 < hard_below < easy_at <= 1:
             raise ValueError(f"need 0 < hard_below < easy_at <= 1, got hard_below={hard_below}, easy_at={easy_at}")
         self.easy_at, self.hard_below = float(easy_at), float(hard_below)
+        if advance_by not in ADVANCE_BY:
+            raise ValueError(f"advance_by must be one of {list(ADVANCE_BY)}, got {advance_by!r}")
+        if int(rounds_per_stage) < 1:
+            raise ValueError(f"rounds_per_stage must be >= 1, got {rounds_per_stage}")
+        self.advance_by, self.rounds_per_stage = advance_by, int(rounds_per_stage)
 
     def bucket(self, pass_rate: float | None) -> str:
         if pass_rate is None:
@@ -63,6 +78,21 @@ class Curriculum:
         """Mean pass rate over the pool's prompts (one value per prompt); None when no pair records one."""
         rates = {p.problem_id: p.meta["pass_rate"] for p in pairs if p.meta.get("pass_rate") is not None}
         return float(np.mean(list(rates.values()))) if rates else None
+
+    def decide(self, pairs: Sequence[Pair], round_info: dict | None = None) -> tuple[float | None, int]:
+        """(competence, 0-based stage) for this round by ``advance_by``; ``round_info`` = {"round": k,
+        "pass_rates": [all-prompt mean pass rate of rounds 1..k]} from the runner (stage 1 without it)."""
+        if self.advance_by == "pool":
+            comp = self.competence(pairs)
+            return comp, self.stage(comp)
+        if not round_info:
+            return None, 0
+        if self.advance_by == "rounds":
+            stage = min((int(round_info["round"]) - 1) // self.rounds_per_stage, len(self.stages) - 1)
+            return self.competence(pairs), stage
+        rates = [float(r) for r in round_info.get("pass_rates") or []]
+        comp = rates[-1] - rates[0] if rates else None
+        return comp, self.stage(comp)
 
     def stage(self, competence: float | None) -> int:
         """0-based stage: the number of ``advance_at`` thresholds the competence has reached."""

@@ -107,6 +107,11 @@ class SageSelector:
         self.length_scale, self.stability_weight, self.curvature = float(length_scale), float(stability_weight), \
             bool(curvature)
         self.curriculum = curriculum
+        self.round_info: dict | None = None  # set by the runner before each round (observe_round)
+
+    def observe_round(self, round_index: int, pass_rates: Sequence[float]) -> None:
+        """The runner's round index and all-prompt mean pass rates of rounds 1..k: what the curriculum advances on."""
+        self.round_info = {"round": int(round_index), "pass_rates": [float(r) for r in pass_rates]}
 
     @property
     def uses_token_stats(self) -> bool:
@@ -136,18 +141,23 @@ class SageSelector:
         return top_k(scores, keep_count(self.keep_ratio, len(scores)), rng, buckets if props else None, props)
 
     def plan(self, pairs: Sequence[Pair]) -> dict[str, Any]:
-        """The round's curriculum decision (competence, stage, per-pair buckets) from the pool alone.
+        """The round's curriculum decision (competence, stage, per-pair buckets) from the pool and ``round_info``.
 
         Buckets are always computed (for the kept-per-bucket log); ``stage`` is None without a curriculum.
         """
         cur = self.curriculum or Curriculum()
-        comp = cur.competence(pairs)
-        if comp is None:
+        if cur.competence(pairs) is None:
             if self.curriculum is not None:
                 log.warning("sage: no pair records a pass_rate; the curriculum is off this round")
             return {"competence": None, "stage": None, "buckets": None}
-        stage = cur.stage(comp) if self.curriculum is not None else None
-        return {"competence": comp, "stage": stage, "buckets": cur.buckets(pairs)}
+        comp, stage = cur.decide(pairs, self.round_info)
+        if self.curriculum is None:
+            stage = None
+        elif self.round_info is None and cur.advance_by != "pool":
+            log.warning("sage: curriculum.advance_by=%s needs the runner's round index; stage 1 this time",
+                        cur.advance_by)
+        return {"competence": comp, "stage": stage, "buckets": cur.buckets(pairs),
+                "advance_by": cur.advance_by if self.curriculum is not None else None}
 
     def select(self, pairs: list[Pair], seed: int, scorer=None) -> list[Selected]:
         if not pairs:
@@ -188,7 +198,7 @@ def _bucket_info(plan: dict[str, Any], kept: Sequence[int]) -> dict[str, Any]:
         avail[b] = avail.get(b, 0) + 1
     for i in kept:
         took[plan["buckets"][i]] = took.get(plan["buckets"][i], 0) + 1
-    return {"competence": plan["competence"], "stage": stage,
+    return {"competence": plan["competence"], "stage": stage, "advance_by": plan.get("advance_by"),
             "buckets": {b: {"available": n, "kept": took.get(b, 0), "kept_fraction": took.get(b, 0) / n}
                         for b, n in sorted(avail.items())}}
 
@@ -292,6 +302,7 @@ class SageStepFilter(TrainerCallback):
         state.log.update({
             "granularity": "step", "keep_ratio": self.sel.keep_ratio, "score": self.sel.score_name,
             "competence": self.plan["competence"], "stage": None if self.plan["stage"] is None else self.plan["stage"] + 1,
+            "advance_by": self.plan.get("advance_by"),
             "candidates": len(self.log["mu"]), "kept": len(self.log["kept_mu"]), "score_forward_tokens": self.score_tokens,
             "buckets": {b: {"candidates": n, "kept": self.took.get(b, 0), "kept_fraction": self.took.get(b, 0) / n}
                         for b, n in sorted(self.avail.items())},
@@ -301,8 +312,11 @@ class SageStepFilter(TrainerCallback):
             "margin_hist_kept": histogram(self.log["kept_mu"], MARGIN_EDGES)})
         if state.rank == 0:
             write_jsonl(state.round_dir / "kept_pairs.jsonl", self.kept_rows)
-        return {"candidate_pairs": len(self.log["mu"]), "kept_pairs": len(self.log["kept_mu"]),
-                "score_forward_tokens": self.score_tokens}
+        out = {"candidate_pairs": len(self.log["mu"]), "kept_pairs": len(self.log["kept_mu"]),
+               "score_forward_tokens": self.score_tokens}
+        if self.plan["stage"] is not None:  # the curriculum's decision, into the round's train.json / metrics.json
+            out.update(curriculum_stage=self.plan["stage"] + 1, curriculum_competence=self.plan["competence"])
+        return out
 
 
 def _var(x: torch.Tensor) -> float:

@@ -1,0 +1,117 @@
+"""The compute ledger charges every forward token: a round's FLOPs recomputed from its artifacts (prompts, rollouts,
+pairs, kept pairs) equal the ledger's, for DPO-R1 (the reduced quickstart), SAGE's in-step filter and PACE with
+refinement prompts and the exact proximity gate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from alignlab import config as C
+from alignlab.models import checkpoint_params, load_tokenizer
+from alignlab.records import Pair, Problem, Rollout, Selected, read_jsonl
+from alignlab.train.torch_trainer import encode_pairs
+from tests.conftest import TINY_RUN, alignlab
+
+
+def _seq_tokens(tok, pairs: list[Pair], max_len: int) -> list[int]:
+    """Tokens of each pair through the model: prompt + chosen and prompt + rejected (what trainer.logps runs)."""
+    return [len(c.ids) + len(r.ids) for c, r in encode_pairs(tok, pairs, max_len)]
+
+
+def _recompute(run: Path, k: int) -> dict[str, int]:
+    """Forward tokens of round ``k`` per kind, from its artifacts alone (not from the ledger)."""
+    cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
+    spec = C.build("model", cfg.model, {})
+    tok = load_tokenizer(str(spec.directory))
+    rd = run / f"round_{k}"
+    problems = {p.id: p for p in read_jsonl(rd / "prompts.jsonl", Problem)}
+    rollouts = read_jsonl(rd / "verdicts.jsonl", Rollout)
+    n_tok = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    prompt = sum(n_tok(spec.render(tok, p.prompt)) for p in problems.values())  # one prefill per prompt
+    refined = [r for r in rollouts if r.source == "refined"]
+    by_index = {(r.problem_id, r.sample_index): r for r in rollouts if r.source != "refined"}
+    for r in refined:  # PACE: problem + failed attempt + gold hint, prefilled once per refinement
+        p, failed = problems[r.problem_id], by_index[(r.problem_id, r.meta["refines"])]
+        prompt += n_tok(spec.render_refine(tok, p.prompt, failed.text, p.answer))
+    max_len = int(cfg.trainer.max_length)
+    # the exact proximity gate re-scores each refinement that reached it under the plain prompt (one sequence)
+    gated = [r for r in refined if r.meta.get("gate") in ("pass", "proximity") and "plain_logprob_sum" in r.meta]
+    proximity = sum(_seq_tokens(tok, [Pair(r.problem_id, spec.render(tok, problems[r.problem_id].prompt), r.text, "")
+                                      for r in gated], max_len))
+    pool = [s.pair for s in read_jsonl(rd / "selected.jsonl", Selected)]
+    seq = _seq_tokens(tok, pool, max_len)
+    epochs = int(cfg.trainer.epochs)
+    kept_file = rd / "kept_pairs.jsonl"
+    if kept_file.exists():  # SAGE in-step: trained = the kept pair instances; scored = every candidate each epoch
+        trained = sum(seq[row["pair"]] for row in read_jsonl(kept_file))
+        stable = cfg.selector.score == "stable" and float(cfg.selector.stability_weight) > 0
+        scoring = sum(seq) * (epochs + (1 if stable else 0))  # + the round's starting policy once (token stats)
+    else:
+        trained, scoring = sum(seq) * epochs, 0
+    return {"prompt": prompt, "generated": sum(r.tokens for r in rollouts), "reference": sum(seq),
+            "trained": trained, "scoring": scoring, "proximity": proximity}
+
+
+def _check_round(run: Path, k: int) -> dict[str, int]:
+    got = _recompute(run, k)
+    params = checkpoint_params(OmegaConf.load(run / ".hydra" / "config.yaml").model.path)
+    ledger = json.loads((run / f"round_{k}" / "ledger.json").read_text())
+    want = 2 * params * (got["prompt"] + got["generated"]) + 2 * params * got["reference"] \
+        + 6 * params * got["trained"] + 2 * params * (got["scoring"] + got["proximity"])
+    assert sum(s.get("flops", 0.0) for s in ledger.values()) == pytest.approx(want, rel=1e-12)
+    metrics = json.loads((run / f"round_{k}" / "metrics.json").read_text())
+    assert metrics["ledger"]["flops"] == pytest.approx(want, rel=1e-12)
+    # every stage that runs a model records forward_tokens beside its flops
+    for name, stage in ledger.items():
+        assert ("flops" in stage) == ("forward_tokens" in stage), name
+    assert ledger["sample"]["forward_tokens"] == got["prompt"] + got["generated"]
+    assert ledger["reference"]["forward_tokens"] == got["reference"]
+    assert ledger["train"]["trained_tokens"] == got["trained"]
+    return got
+
+
+@pytest.mark.slow
+def test_reduced_quickstart_ledger_flops_recomputed_from_the_rounds_artifacts(tiny_dir, tmp_path):
+    run = [a for a in TINY_RUN if not a.startswith("trainer.epochs")]
+    alignlab("experiment=quickstart", *run, "trainer.epochs=2", "rounds=1", "base_eval=false",
+             f"model.path={tiny_dir}", f"hydra.run.dir={tmp_path}")
+    got = _check_round(tmp_path, 1)
+    assert got["reference"] > 0 and got["scoring"] == got["proximity"] == 0
+    # the reference passes run over the same sequences the trainer sees: per epoch, the same tokens
+    train = json.loads((tmp_path / "round_1" / "train.json").read_text())
+    assert got["reference"] == train["trained_tokens"] / 2
+
+
+@pytest.mark.slow
+def test_sage_round_ledger_charges_scoring_and_the_curriculum_advances_per_round(tiny_dir, tmp_path):
+    run = [a for a in TINY_RUN if not a.startswith(("sampler.n", "data.train_prompts"))]
+    alignlab(*run, "sampler.n=8", "data.train_prompts=24", "selector=sage", "rounds=2", "base_eval=false",
+             "trainer.batch_size=2", f"model.path={tiny_dir}", f"hydra.run.dir={tmp_path}")
+    for k in (1, 2):
+        got = _check_round(tmp_path, k)
+        assert got["scoring"] > 0 and got["trained"] < 2 * got["reference"]
+        ledger = json.loads((tmp_path / f"round_{k}" / "ledger.json").read_text())
+        assert ledger["train"]["forward_tokens"] == got["trained"] + got["scoring"]
+        # the curriculum's stage and competence are logged per round (advance_by=rounds: stage k in round k)
+        train = json.loads((tmp_path / f"round_{k}" / "train.json").read_text())
+        assert train["curriculum_stage"] == k and 0 <= train["curriculum_competence"] <= 1
+        steps = json.loads((tmp_path / f"round_{k}" / "train_steps.json").read_text())
+        assert steps["stage"] == k and steps["advance_by"] == "rounds"
+
+
+@pytest.mark.slow
+def test_pace_round_charges_refinement_prompts_and_the_proximity_gate_as_its_own_stage(tiny_dir, tmp_path):
+    # the other gates off, so every refinement reaches the proximity gate (its last) and is re-scored there
+    off = [f"sampler.gates.{g}=null" for g in ("verified", "no_hint_leak", "format", "arith_steps")]
+    alignlab("experiment=pace", *TINY_RUN, "rounds=1", "base_eval=false", "sampler.gates.proximity.exact=true", *off,
+             f"model.path={tiny_dir}", f"hydra.run.dir={tmp_path}")
+    got = _check_round(tmp_path, 1)
+    refined = [r for r in read_jsonl(tmp_path / "round_1" / "verdicts.jsonl", Rollout) if r.source == "refined"]
+    assert refined and all("plain_logprob_sum" in r.meta for r in refined)
+    ledger = json.loads((tmp_path / "round_1" / "ledger.json").read_text())
+    assert ledger["proximity"]["forward_tokens"] == got["proximity"] > 0
+    assert ledger["proximity"]["flops"] == 2 * checkpoint_params(tiny_dir) * got["proximity"]
