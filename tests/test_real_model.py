@@ -125,11 +125,11 @@ def test_eval_of_a_round_checkpoint_renders_the_in_run_prompts(tiny_dir, tmp_pat
     assert base["prompts_sha1"] == in_run["prompts_sha1"]
 
 
-def test_deepspeed_save_hf_carries_alignlab_model_json(tiny_dir, tmp_path):
+def test_deepspeed_checkpoint_writer_carries_alignlab_model_json(tiny_dir, tmp_path):
     from alignlab.models import load_model
-    from alignlab.train.ds_worker import save_hf
+    from alignlab.train.ds_worker import save_checkpoint  # the DeepSpeed ranks' writer is the training core's
 
-    save_hf(load_model(tiny_dir), load_tokenizer(tiny_dir), tmp_path / "ckpt", source_dir=tiny_dir)
+    save_checkpoint(load_model(tiny_dir), load_tokenizer(tiny_dir), tmp_path / "ckpt", source_dir=tiny_dir)
     assert json.loads((tmp_path / "ckpt" / "alignlab_model.json").read_text()) == {"config": "tiny_arith"}
     assert (tmp_path / "ckpt" / "model.safetensors").exists()
 

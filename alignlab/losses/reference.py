@@ -87,7 +87,7 @@ class EMAReference:
         from safetensors import safe_open
 
         from alignlab.models import load_model, load_tokenizer
-        from alignlab.train.torch_trainer import save_checkpoint
+        from alignlab.train.core import save_checkpoint
 
         model = load_model(checkpoints[0])
         params = model.state_dict()
@@ -131,5 +131,5 @@ def safetensors_files(model_dir: Path) -> dict[str, Path]:
         return {k: model_dir / name for k, name in weight_map.items()}
     raise FileNotFoundError(
         f"{model_dir}: neither model.safetensors nor model.safetensors.index.json (the EMA reference averages "
-        "safetensors weights; re-save the model with save_pretrained(safe_serialization=True))"
+        "safetensors weights; re-save the model with save_pretrained and safe_serialization=True)"
     )

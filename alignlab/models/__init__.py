@@ -124,7 +124,7 @@ def require_safetensors(path: str | Path) -> None:
         pickles = sorted(p.name for p in d.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
         found = f" (found {', '.join(pickles)}: pickle checkpoints are refused)" if pickles else ""
         raise FileNotFoundError(f"{d}: no *.safetensors weights{found}; alignlab loads safetensors only. Convert "
-                                f"with model.save_pretrained(dir, safe_serialization=True) in a trusted environment.")
+                                f"with model.save_pretrained and safe_serialization=True in a trusted environment.")
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):

@@ -9,9 +9,7 @@ refinement format works on the embedded task. Deterministic given the seed.
 from __future__ import annotations
 
 import json
-import math
 import random
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from alignlab.data import arith
 from alignlab.models import ModelSpec, load_model, load_tokenizer, resolve_path
 from alignlab.models.tiny import build_model, build_tokenizer
 from alignlab.train.batching import collate, encode, response_logps
+from alignlab.train.core import build_optimizer, build_schedule, save_checkpoint
 
 
 def flawed_solution(p: arith.ArithProblem, rng: random.Random, skip_rate: dict[int, float], slip_rate: float) -> str:
@@ -81,10 +80,8 @@ def train_sft_base(out_dir: str, steps: int = 1200, batch_size: int = 64, lr: fl
         model = build_model(len(tok), hidden=hidden, layers=layers, heads=heads, intermediate=intermediate, seed=seed,
                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     model = model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    opt = build_optimizer(model.parameters(), lr, weight_decay=0.01, betas=(0.9, 0.98))
+    sched = build_schedule(opt, max(1, steps // 20), steps, kind="warmup_times_cosine")
     rng = random.Random(seed)
     order: list[int] = []
     t0 = time.time()
@@ -105,21 +102,14 @@ def train_sft_base(out_dir: str, steps: int = 1200, batch_size: int = 64, lr: fl
         if step % log_every == 0 or step == steps - 1:
             print(f"sft step {step:5d} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} {time.time() - t0:.0f}s",
                   flush=True)
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")  # written whole, then renamed over ``out``
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.cpu().save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    (tmp / "alignlab_model.json").write_text(json.dumps({"config": model_config}))
-    (tmp / "sft_base.json").write_text(json.dumps({
+    return save_checkpoint(model.cpu(), tok, out_dir, extra_files={
+        "alignlab_model.json": json.dumps({"config": model_config}),
+        "sft_base.json": json.dumps({
         "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "skip_rate": skip_rate,
         "slip_rate": slip_rate, "refine_share": refine_share, "examples": examples,
         "params": sum(p.numel() for p in model.parameters()), "train_seconds": round(time.time() - t0, 1),
         "init_from": str(spec.directory) if init_from is not None else None, "max_len": max_len},
-        indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+        indent=2)})
 
 
 if __name__ == "__main__":

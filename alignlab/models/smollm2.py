@@ -17,7 +17,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -125,19 +124,12 @@ def convert_gguf(gguf_path: Path, out: Path) -> Path:
     eos = sorted({im_end, tok.eos_token_id} - {None})
     model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=eos,
                                                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else im_end)
+    from alignlab.train.core import save_checkpoint
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        (tmp / MARKER).write_text(json.dumps({"config": CONFIG_CHOICE, "source": f"{PACKAGE}=={VERSION}:{GGUF_MEMBER}",
-                                              "gguf_sha256": GGUF_SHA256}, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return save_checkpoint(model, tok, out, extra_files={MARKER: json.dumps(
+        {"config": CONFIG_CHOICE, "source": f"{PACKAGE}=={VERSION}:{GGUF_MEMBER}", "gguf_sha256": GGUF_SHA256},
+        indent=1)})
 
 
 def ensure_smollm2(force: bool = False) -> Path:

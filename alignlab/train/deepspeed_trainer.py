@@ -258,8 +258,6 @@ class DeepSpeedTrainer:
         shutil.rmtree(work, ignore_errors=True)
         return out
 
-    reference_logps = logps  # the earlier name
-
     def run_on_ranks(self, module: str, work: Path, on_progress=lambda: None) -> None:
         """Start ``python -m <module> <work>`` on every rank with this trainer's launcher (torchrun or the DeepSpeed
         hostfile launcher), wait, and raise the first rank's error. Generation shards its prompts this way."""

@@ -30,9 +30,18 @@ from alignlab.losses import PairLogps
 from alignlab.models import load_tokenizer, resolve_path
 from alignlab.records import Pair, atomic_write_text
 from alignlab.train import NonFiniteLossError
-from alignlab.train.batching import Encoded, collate, response_logps, token_logps, token_logps_of
+from alignlab.train.batching import collate, token_logps, token_logps_of
 from alignlab.train.callbacks import CallbackList, GradStats, TrainState, write_step_log
-from alignlab.train.torch_trainer import batch_plan, cosine_with_warmup, encode_pairs, epoch_of, summarize
+from alignlab.train.core import (
+    batch_plan,
+    build_optimizer,
+    build_schedule,
+    encode_pairs,
+    epoch_of,
+    pair_forward,
+    save_checkpoint,
+    summarize,
+)
 
 T0 = time.time()
 COMPLETE = "complete"  # names the newest DeepSpeed checkpoint all ranks have finished writing
@@ -80,34 +89,11 @@ def shard(batch: list[int], rank: int, world: int) -> list[int]:
     return batch[rank::world]
 
 
-def forward(engine, items: list[tuple[Encoded, Encoded]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
-    ids, attn, tmask = collate([c for c, _ in items] + [r for _, r in items], pad_id)
-    lp, n = response_logps(engine, ids.to(device), attn.to(device), tmask.to(device))
-    B = len(items)
-    return lp[:B], lp[B:], n[:B], n[B:]
-
-
 def metric_keys(loss) -> list[str]:
     """The loss's metric names, from a one-pair dry call, so every rank all-reduces the same vector."""
     z = torch.zeros(1)
     _, metrics = loss(PairLogps(z, z, z, z, torch.ones(1), torch.ones(1)))
     return ["loss", *sorted(metrics)]
-
-
-def save_hf(module, tok, out: Path, state_dict: dict | None = None, source_dir: str | Path | None = None) -> None:
-    """Same atomic layout as ``save_checkpoint``: write ``<out>.tmp``, then rename over ``out``; carries
-    ``alignlab_model.json`` over from ``source_dir`` so ``alignlab eval`` prompts the checkpoint as the run did."""
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    module.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-    tok.save_pretrained(tmp)
-    meta = Path(source_dir) / "alignlab_model.json" if source_dir else None
-    if meta is not None and meta.exists():
-        shutil.copy(meta, tmp / meta.name)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
 
 
 def latest_tag(ckpt_dir: Path) -> str | None:
@@ -203,10 +189,10 @@ def run_train(work: Path, job: dict[str, Any]) -> None:
     warm = int(job["warmup_ratio"] * total_steps)
 
     def schedule(opt):
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, warm, total_steps))
+        return build_schedule(opt, warm, total_steps)
 
     if job["optimizer"] == "torch":
-        opt = torch.optim.AdamW(model.parameters(), lr=job["lr"], weight_decay=job["weight_decay"])
+        opt = build_optimizer(model.parameters(), job["lr"], job["weight_decay"])
         engine, _, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=schedule, config=ds_config)
     else:
         engine, _, _, sched = deepspeed.initialize(model=model, model_parameters=model.parameters(),
@@ -256,7 +242,7 @@ def run_train(work: Path, job: dict[str, Any]) -> None:
             batch = group[m] if m < len(group) else []
             idx = shard(batch, rank, world)
             if idx:
-                pc, pr, nc, nr = forward(engine, [enc[i] for i in idx], tok.pad_token_id, device)
+                pc, pr, nc, nr = pair_forward(engine, [enc[i] for i in idx], tok.pad_token_id, device)
                 ix = torch.tensor(idx, device=device)
                 losses, metrics = loss(PairLogps(pc, pr, ref_c[ix], ref_r[ix], nc, nr))
                 if grad_stats:
@@ -268,7 +254,7 @@ def run_train(work: Path, job: dict[str, Any]) -> None:
                 vals = {"loss": losses.detach(), **metrics}
                 sums += torch.stack([vals[k].detach().double().sum() for k in keys])
             else:  # ranks must run the same forwards/backwards (ZeRO collectives): a zero-weight one
-                pc, pr, _, _ = forward(engine, dummy, tok.pad_token_id, device)
+                pc, pr, _, _ = pair_forward(engine, dummy, tok.pad_token_id, device)
                 engine.backward((pc.sum() + pr.sum()) * 0.0)
                 micro_grad = torch.zeros(n_params, device=device) if grad_stats else None
             if grad_stats:
@@ -312,7 +298,7 @@ def run_train(work: Path, job: dict[str, Any]) -> None:
     else:
         sd = None
     if rank == 0:
-        save_hf(engine.module, tok, out, state_dict=sd, source_dir=job["policy_dir"])
+        save_checkpoint(engine.module, tok, out, state_dict=sd, source_dir=job["policy_dir"])
         summary = summarize(history)
         summary.update(extra, trained_pairs=trained_pairs, pairs_per_epoch=trained_pairs / job["epochs"],
                        train_seconds=time.time() - t0, ranks=world, zero_stage=engine.zero_optimization_stage())
@@ -415,7 +401,7 @@ def run_logps(work: Path, job: dict[str, Any]) -> None:
     for b in range(n_batches):
         idx = mine[b * bs: (b + 1) * bs]
         items = [enc[i] for i in idx] or [enc[0]]
-        c, r, nc, nr = forward(engine, items, tok.pad_token_id, device)
+        c, r, nc, nr = pair_forward(engine, items, tok.pad_token_id, device)
         for k, i in enumerate(idx):
             got[i] = [float(c[k]), float(r[k]), int(nc[k]), int(nr[k])]
     parts: list[Any] = [None] * world

@@ -7,7 +7,6 @@ padding stays small; metrics come from tensors already on hand (one host sync pe
 from __future__ import annotations
 
 import math
-import random
 import time
 from pathlib import Path
 from typing import Any
@@ -19,48 +18,18 @@ from alignlab.losses import PairLogps
 from alignlab.models import load_model, load_tokenizer
 from alignlab.records import Pair
 from alignlab.train import NonFiniteLossError, TrainResult
-from alignlab.train.batching import Encoded, collate, encode, response_logps, token_logps_of
+from alignlab.train.batching import token_logps_of
 from alignlab.train.callbacks import CallbackList, GradStats, TrainerCallback, TrainState, write_step_log
-
-
-def encode_pairs(tok, pairs: list[Pair], max_len: int) -> list[tuple[Encoded, Encoded]]:
-    return [(encode(tok, p.prompt, p.chosen, max_len), encode(tok, p.prompt, p.rejected, max_len)) for p in pairs]
-
-
-def length_buckets(enc: list[tuple[Encoded, Encoded]], batch_size: int, rng: random.Random) -> list[list[int]]:
-    """Shuffle, then sort within windows of 16 batches by length: little padding, still random."""
-    order = list(range(len(enc)))
-    rng.shuffle(order)
-    window = batch_size * 16
-    batches = []
-    for w in range(0, len(order), window):
-        chunk = sorted(order[w: w + window], key=lambda i: max(len(enc[i][0].ids), len(enc[i][1].ids)))
-        batches += [chunk[b: b + batch_size] for b in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
-
-
-def batch_plan(enc: list[tuple[Encoded, Encoded]], draw_size: int, epochs: int, seed: int) -> list[list[int]]:
-    """Every trainer's global micro-batches, in order: ``epochs`` passes of :func:`length_buckets` from one RNG.
-
-    ``trainer=torch`` trains each whole; ``trainer=deepspeed_*`` gives each rank a strided shard of it, so
-    both see the same pairs in the same steps (and, with the same schedule, the same losses).
-    """
-    rng = random.Random(seed)
-    return [b for _ in range(epochs) for b in length_buckets(enc, draw_size, rng)]
-
-
-def epoch_of(micro_index: int, n_pairs: int, draw_size: int) -> int:
-    """Which pass over the pairs a global micro-batch belongs to (each pass is ceil(n / draw) micro-batches)."""
-    return micro_index // max(1, math.ceil(n_pairs / draw_size))
-
-
-def pair_forward(model, items: list[tuple[Encoded, Encoded]], pad_id: int) -> tuple[torch.Tensor, ...]:
-    """One forward over [chosen..., rejected...]: summed log-probs and token counts of both."""
-    ids, attn, tmask = collate([c for c, _ in items] + [r for _, r in items], pad_id)
-    lp, n = response_logps(model, ids, attn, tmask)
-    B = len(items)
-    return lp[:B], lp[B:], n[:B], n[B:]
+from alignlab.train.core import (
+    batch_plan,
+    build_optimizer,
+    build_schedule,
+    encode_pairs,
+    epoch_of,
+    pair_forward,
+    save_checkpoint,
+    summarize,
+)
 
 
 @torch.no_grad()
@@ -130,9 +99,8 @@ class TorchTrainer:
         cbs.train_begin(state)
         micro = batch_plan(enc, state.draw_size, self.epochs, seed)
         total_steps = max(1, math.ceil(len(micro) / self.grad_accum))
-        opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        warm = int(self.warmup_ratio * total_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, warm, total_steps))
+        opt = build_optimizer(model.parameters(), self.lr, self.weight_decay)
+        sched = build_schedule(opt, int(self.warmup_ratio * total_steps), total_steps)
         history: list[dict[str, float]] = []
         trained_tokens, trained_pairs, t0 = 0, 0, time.time()
         for step in progress(range(total_steps), desc="train", unit="step"):
@@ -184,37 +152,3 @@ class TorchTrainer:
         summary.update(extra, trained_pairs=trained_pairs, pairs_per_epoch=trained_pairs / self.epochs,
                        train_seconds=time.time() - t0)
         return TrainResult(steps=total_steps, trained_tokens=trained_tokens, history=history, summary=summary)
-
-
-def summarize(history: list[dict[str, float]]) -> dict[str, float]:
-    """Mean of each metric over the steps that report it (a callback may report some keys on some steps only)."""
-    keys = dict.fromkeys(k for h in history for k in h)
-    return {k: sum(v) / len(v) for k in keys for v in [[h[k] for h in history if k in h]]}
-
-
-def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def save_checkpoint(model, tok, out: Path, source_dir: str | Path | None = None) -> None:
-    """Save as a HF directory atomically: write into ``<out>.tmp`` then rename.
-
-    ``alignlab_model.json`` (which model config the weights go with) is carried over from ``source_dir``.
-    """
-    import shutil
-
-    from alignlab.models import resolve_path
-
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    meta = resolve_path(str(source_dir)) / "alignlab_model.json" if source_dir else None
-    if meta is not None and meta.exists():
-        shutil.copy(meta, tmp / meta.name)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)

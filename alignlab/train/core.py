@@ -1,0 +1,131 @@
+"""The training core every loop shares: batches, the pair forward, optimizer and schedule, the checkpoint writer.
+
+``trainer=torch`` (:mod:`alignlab.train.torch_trainer`), the DeepSpeed ranks (:mod:`alignlab.train.ds_worker`) and
+the SFT warm start (:mod:`alignlab.models.sft_base`) each run their own loop (one process; ZeRO ranks; plain
+causal LM), but build their optimizer, schedule, forwards and checkpoints here, so the three cannot drift apart.
+Per-token and summed response log-probs are :mod:`alignlab.train.batching`'s. (The two trainers' import lists name
+the same functions from here: that repeat is the point, not a copy of logic.)
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+from alignlab.records import Pair
+from alignlab.train.batching import Encoded, collate, encode, response_logps
+
+
+def encode_pairs(tok, pairs: list[Pair], max_len: int) -> list[tuple[Encoded, Encoded]]:
+    return [(encode(tok, p.prompt, p.chosen, max_len), encode(tok, p.prompt, p.rejected, max_len)) for p in pairs]
+
+
+def length_buckets(enc: list[tuple[Encoded, Encoded]], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Shuffle, then sort within windows of 16 batches by length: little padding, still random."""
+    order = list(range(len(enc)))
+    rng.shuffle(order)
+    window = batch_size * 16
+    batches = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w: w + window], key=lambda i: max(len(enc[i][0].ids), len(enc[i][1].ids)))
+        batches += [chunk[b: b + batch_size] for b in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def batch_plan(enc: list[tuple[Encoded, Encoded]], draw_size: int, epochs: int, seed: int) -> list[list[int]]:
+    """Every trainer's global micro-batches, in order: ``epochs`` passes of :func:`length_buckets` from one RNG.
+
+    ``trainer=torch`` trains each whole; ``trainer=deepspeed_*`` gives each rank a strided shard of it, so
+    both see the same pairs in the same steps (and, with the same schedule, the same losses).
+    """
+    rng = random.Random(seed)
+    return [b for _ in range(epochs) for b in length_buckets(enc, draw_size, rng)]
+
+
+def epoch_of(micro_index: int, n_pairs: int, draw_size: int) -> int:
+    """Which pass over the pairs a global micro-batch belongs to (each pass is ceil(n / draw) micro-batches)."""
+    return micro_index // max(1, math.ceil(n_pairs / draw_size))
+
+
+def pair_forward(model, items: list[tuple[Encoded, Encoded]], pad_id: int,
+                 device: torch.device | str | None = None) -> tuple[torch.Tensor, ...]:
+    """One forward over [chosen..., rejected...]: summed response log-probs and token counts of both (a plain
+    model or a DeepSpeed engine; ``device``: where the batch goes, else where it is built)."""
+    ids, attn, tmask = collate([c for c, _ in items] + [r for _, r in items], pad_id)
+    if device is not None:
+        ids, attn, tmask = ids.to(device), attn.to(device), tmask.to(device)
+    lp, n = response_logps(model, ids, attn, tmask)
+    B = len(items)
+    return lp[:B], lp[B:], n[:B], n[B:]
+
+
+def summarize(history: list[dict[str, float]]) -> dict[str, float]:
+    """Mean of each metric over the steps that report it (a callback may report some keys on some steps only)."""
+    keys = dict.fromkeys(k for h in history for k in h)
+    return {k: sum(v) / len(v) for k in keys for v in [[h[k] for h in history if k in h]]}
+
+
+# -- optimizer and schedule ---------------------------------------------------------------------------------------
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float = 0.0,
+                    betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
+    """AdamW: the one optimizer of every loop (DeepSpeed takes it as a client optimizer with ``optimizer=torch``)."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
+
+
+def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
+    """The trainers' multiplier: linear warmup over ``warmup`` steps, then cosine to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def warmup_times_cosine(step: int, warmup: int, total: int) -> float:
+    """The SFT warm start's multiplier (how the committed tiny model was trained): warmup ramp x full cosine."""
+    return min(1.0, (step + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total)))
+
+
+SCHEDULES: dict[str, Callable[[int, int, int], float]] = {
+    "cosine_with_warmup": cosine_with_warmup, "warmup_times_cosine": warmup_times_cosine}
+
+
+def build_schedule(opt: torch.optim.Optimizer, warmup: int, total: int,
+                   kind: str = "cosine_with_warmup") -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate schedule of ``opt`` over ``total`` steps (one of :data:`SCHEDULES`)."""
+    fn = SCHEDULES[kind]
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: fn(s, warmup, total))
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------------------
+
+def save_checkpoint(model, tok, out: str | Path, source_dir: str | Path | None = None,
+                    state_dict: dict | None = None, extra_files: dict[str, str] | None = None) -> Path:
+    """Write a Hugging Face directory atomically: into ``<out>.tmp``, then renamed over ``out``.
+
+    ``alignlab_model.json`` (which model config the weights go with) is carried over from ``source_dir``, so
+    ``alignlab eval`` prompts the checkpoint as the run did; ``extra_files`` (name -> text) are written beside
+    the weights (they win over the carried file). ``state_dict``: weights gathered elsewhere (ZeRO-3).
+    """
+    from alignlab.models import resolve_path
+
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    for obj, kw in ((model, {"safe_serialization": True, "state_dict": state_dict}), (tok, {})):
+        obj.save_pretrained(tmp, **kw)  # the weights (safetensors), then the tokenizer
+    meta = resolve_path(str(source_dir)) / "alignlab_model.json" if source_dir else None
+    if meta is not None and meta.exists():
+        shutil.copy(meta, tmp / meta.name)
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
