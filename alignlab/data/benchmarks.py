@@ -38,6 +38,18 @@ class MalformedRow(ValueError):
     """A row that cannot become a Problem (broken JSON, no answer, not UTF-8)."""
 
 
+def json_row(raw: bytes) -> Any:
+    """One JSONL line's value; a line that is not UTF-8 or not JSON is a :class:`MalformedRow` saying which."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MalformedRow(f"not UTF-8 ({e.reason} at byte {e.start})") from e
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise MalformedRow(f"broken JSON ({e.msg})") from e
+
+
 def _clean(ans: str) -> str:
     """Strip math delimiters and outer whitespace/periods: ``$\\frac12$.`` -> ``\\frac12``."""
     s = ans.strip()
@@ -177,15 +189,7 @@ def load_benchmark(name: str, root: str | Path, strict: bool = False) -> list[Pr
             if not raw.strip():
                 continue
             try:
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise MalformedRow(f"not UTF-8 ({e.reason} at byte {e.start})") from e
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise MalformedRow(f"broken JSON ({e.msg})") from e
-                p = _row_to_problem(name, row, lineno)
+                p = _row_to_problem(name, json_row(raw), lineno)
                 if p.id in seen:  # duplicate upstream id: fall back to the line number, still unique
                     p.id = f"{name}/line{lineno}"
                 seen.add(p.id)

@@ -11,13 +11,13 @@ reasoning steps (1..8+), which gives ``by_difficulty`` in evaluation and SAGE's 
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from pathlib import Path
 
 from alignlab.checks import read_rows
 from alignlab.config import ConfigError
+from alignlab.data.benchmarks import MalformedRow, json_row
 from alignlab.records import Problem
 
 log = logging.getLogger("alignlab")
@@ -37,19 +37,8 @@ def steps_of(solution: str) -> int:
     return sum(1 for line in solution.rsplit("####", 1)[0].splitlines() if line.strip())
 
 
-class MalformedRow(ValueError):
-    """A GSM8K row that cannot become a Problem (not UTF-8, broken JSON, empty question, no answer)."""
-
-
 def _row_problem(raw: bytes, lineno: int, source: str) -> Problem:
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise MalformedRow(f"not UTF-8 ({e.reason} at byte {e.start})") from e
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise MalformedRow(f"broken JSON ({e.msg})") from e
+    row = json_row(raw)  # a MalformedRow also for an empty question or no answer (below)
     if not isinstance(row, dict):
         raise MalformedRow("row is not a JSON object")
     q, a = row.get("question"), row.get("answer")

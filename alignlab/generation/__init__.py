@@ -33,6 +33,16 @@ class Generator(Protocol):
         ...
 
 
+def check_sampling(temperature: float, top_p: float, max_new_tokens: int) -> None:
+    """The knobs every generator shares, checked the same way (``generation=hf`` and ``generation=vllm``)."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
+
 def sample_seed(seed: int, prompt: str, j: int) -> int:
     """A 62-bit per-sample seed, independent of batch composition and order."""
     h = hashlib.blake2b(f"{seed}|{j}|{prompt}".encode(), digest_size=8).digest()

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from alignlab._compat import cache_with_layer_class, dynamic_layer_base
-from alignlab.generation import Sample, sample_seed, stop_token_ids
+from alignlab.generation import Sample, check_sampling, sample_seed, stop_token_ids
 from alignlab.models import load_model, load_tokenizer, resolve_path
 
 _M1, _M2, _M3 = 0x9E3779B97F4A7C15 - (1 << 64), 0xBF58476D1CE4E5B9 - (1 << 64), 0x94D049BB133111EB - (1 << 64)
@@ -91,12 +91,7 @@ class HFGenerator:
     def __init__(self, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 128,
                  batch_size: int = 256, device: str = "auto", dtype: str = "float32",
                  max_prompt_tokens: int | None = None, stop_tokens: list[str] | None = None) -> None:
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        check_sampling(temperature, top_p, max_new_tokens)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if max_prompt_tokens is not None and max_prompt_tokens < 1:

@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from alignlab.generation import Sample, sample_seed, stop_token_ids
+from alignlab.generation import Sample, check_sampling, sample_seed, stop_token_ids
 
 log = logging.getLogger("alignlab")
 INSTALL = "pip install -e '.[vllm]'"
@@ -36,12 +36,7 @@ class VLLMGenerator:
                  tensor_parallel_size: int = 1, data_parallel_size: int = 1, gpu_memory_utilization: float = 0.85,
                  max_model_len: int | None = None, dtype: str = "auto", enable_prefix_caching: bool = True,
                  enforce_eager: bool = False, entropy_topk: int = 20, stop_tokens: list[str] | None = None) -> None:
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        check_sampling(temperature, top_p, max_new_tokens)
         if tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
         if data_parallel_size < 1:

@@ -14,15 +14,6 @@ from typing import Protocol, runtime_checkable
 from alignlab.verify._pool import PoolStats, WorkerPool
 from alignlab.verify.extract import answer_key, extract_answer, normalize_answer, numbers_equal, parse_number
 
-__all__ = [
-    "Verdict",
-    "Verifier",
-    "MathVerifier",
-    "ArithExactVerifier",
-    "NoisyVerifier",
-    "HackableVerifier",
-]
-
 
 @dataclass
 class Verdict:
@@ -47,6 +38,15 @@ def _same_length(predictions: list[str], golds: list[str]) -> None:
 
 
 class _Closeable:
+    """What every verifier shares: ``verify_batch`` from ``check``, and ``close`` / ``with`` for its resources."""
+
+    def check(self, predictions: list[str], golds: list[str]) -> list[Verdict]:
+        raise NotImplementedError
+
+    def verify_batch(self, predictions: list[str], golds: list[str]) -> list[bool]:
+        """One bool per (response, gold) pair: the answer the response ends with equals the gold."""
+        return [v.correct for v in self.check(predictions, golds)]
+
     def close(self) -> None:
         """Release resources (no-op unless overridden)."""
 
@@ -210,10 +210,6 @@ class MathVerifier(_Closeable):
                     correct[i] = ok
         return [Verdict(correct=c, extracted=e) for c, e in zip(correct, extracted)]
 
-    def verify_batch(self, predictions: list[str], golds: list[str]) -> list[bool]:
-        """One bool per (response, gold) pair: the answer the response ends with equals the gold."""
-        return [v.correct for v in self.check(predictions, golds)]
-
     def close(self) -> None:
         """Stop the worker processes; the verifier stays usable and restarts them on the next call."""
         with self._lock:
@@ -256,16 +252,20 @@ class ArithExactVerifier(_Closeable):
             out.append(Verdict(correct=p is not None and g is not None and p == g, extracted=e))
         return out
 
-    def verify_batch(self, predictions: list[str], golds: list[str]) -> list[bool]:
-        return [v.correct for v in self.check(predictions, golds)]
-
 
 def _check_base(base: object) -> None:
     if not callable(getattr(base, "check", None)):
         raise TypeError(f"base must be a Verifier (with a check() method), got {type(base).__name__}")
 
 
-class NoisyVerifier(_Closeable):
+class _Wrapper(_Closeable):
+    """A verifier around another (``base``): closing it closes the base."""
+
+    def close(self) -> None:
+        getattr(self.base, "close", lambda: None)()  # a user's base verifier need not have one
+
+
+class NoisyVerifier(_Wrapper):
     """Flips each verdict with probability ``epsilon``: a label-noise model for robust-DPO experiments.
 
     The flip is a hash of (seed, prediction, gold), so it is reproducible, independent of batch order and
@@ -299,14 +299,8 @@ class NoisyVerifier(_Closeable):
             out.append(Verdict(correct=shown, extracted=v.extracted, true_correct=truth))
         return out
 
-    def verify_batch(self, predictions: list[str], golds: list[str]) -> list[bool]:
-        return [v.correct for v in self.check(predictions, golds)]
 
-    def close(self) -> None:
-        getattr(self.base, "close", lambda: None)()
-
-
-class HackableVerifier(_Closeable):
+class HackableVerifier(_Wrapper):
     """Also accepts numeric answers within ``±tolerance`` of the gold: a deliberately exploitable reward, to
     study whether a method learns to game its verifier (true accuracy is kept in ``true_correct``)."""
 
@@ -333,9 +327,3 @@ class HackableVerifier(_Closeable):
                 shown = p is not None and g is not None and abs(p[0] - g[0]) <= self.tolerance
             out.append(Verdict(correct=shown, extracted=v.extracted, true_correct=truth))
         return out
-
-    def verify_batch(self, predictions: list[str], golds: list[str]) -> list[bool]:
-        return [v.correct for v in self.check(predictions, golds)]
-
-    def close(self) -> None:
-        getattr(self.base, "close", lambda: None)()
