@@ -112,6 +112,8 @@ def test_zero2_on_two_cpu_ranks_matches_torch_trainer(job, model_dir, tmp_path):
     assert res.summary["ranks"] == RANKS and res.summary["zero_stage"] == 2 and "resumed_from_step" not in res.summary
     assert_same_run(job, res, out)
     assert not (tmp_path / "checkpoint.ds" / "ds_ckpt").exists()  # dropped once the HF checkpoint exists
+    meta = Path(model_dir) / "alignlab_model.json"  # `alignlab eval` on the checkpoint prompts it as the run did
+    assert not meta.exists() or (out / meta.name).read_text() == meta.read_text()
 
 
 KILL_SCRIPT = """
