@@ -49,7 +49,11 @@ def _recompute(run: Path, k: int) -> dict[str, int]:
     if kept_file.exists():  # SAGE in-step: trained = the kept pair instances; scored = every candidate each epoch
         trained = sum(seq[row["pair"]] for row in read_jsonl(kept_file))
         stable = cfg.selector.score == "stable" and float(cfg.selector.stability_weight) > 0
-        scoring = sum(seq) * (epochs + (1 if stable else 0))  # + the round's starting policy once (token stats)
+        steps = json.loads((rd / "train.json").read_text())["steps"]
+        # + the pool's margin records (at the start and every snapshot_every steps) or, for token-level stability,
+        # the round's starting policy once
+        records = (1 + (steps - 1) // int(cfg.selector.snapshot_every)) if cfg.selector.stability == "checkpoints" else 1
+        scoring = sum(seq) * (epochs + (records if stable else 0))
     else:
         trained, scoring = sum(seq) * epochs, 0
     return {"prompt": prompt, "generated": sum(r.tokens for r in rollouts), "reference": sum(seq),

@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 from alignlab.data import arith
 from alignlab.losses import DPOLoss
@@ -19,6 +20,7 @@ from alignlab.select.random import RandomSelector
 from alignlab.select.sage import (
     SageSelector,
     SageStepFilter,
+    checkpoint_stable_score,
     keep_count,
     newton_score,
     stable_score,
@@ -264,12 +266,10 @@ def test_sage_run_end_to_end_through_the_cli(tiny_dir, tmp_path):
                                        ["selector=sage", "selector.granularity=pool", "selector.curriculum=null"]])
 def test_sage_configs_compose_and_give_the_trainer_its_callbacks(overrides, tiny_dir):
     """The selector brings its own in-step filter; nothing is wired into the trainer's config by hand."""
-    from alignlab.runner import selector_callbacks
-
     cfg = _compose([*overrides, f"model.path={tiny_dir}"])
     assert "step_hook" not in cfg.trainer and "callbacks" not in cfg.trainer
     comps = build_components(cfg, _choices(cfg))
-    cbs = selector_callbacks(comps["selector"])
+    cbs = comps["selector"].callbacks()
     step = isinstance(comps["selector"], SageSelector) and comps["selector"].granularity == "step"
     assert [type(c) for c in cbs] == ([SageStepFilter] if step else [])
     # the SAGE study presets ask for gradient statistics; ZeRO-3 has none to give (warned, not an error)
@@ -287,3 +287,67 @@ def test_bad_sage_values_fail_before_work_naming_the_argument(override, message,
     with pytest.raises(Exception, match=re.escape(message)):  # noqa: PT011 - ConfigError
         cfg = _compose(["selector=sage", override, f"model.path={tiny_dir}"])
         build_components(cfg, _choices(cfg))
+
+
+class _MovingPolicy:
+    """Per-token log-probs of a 4-pair pool whose margins move between checkpoints (time ``t``): pair 0 holds a steady
+    error, pair 1 is an error that was a success one checkpoint ago, pair 2 sits on the boundary, pair 3 is solved."""
+
+    MARGINS = {0: [-1.0, -1.0], 1: [2.0, -1.2], 2: [0.0, 0.0], 3: [3.0, 3.0]}  # margin mu at t = 0, 1
+
+    def __init__(self) -> None:
+        self.t, self.calls = 0, 0
+
+    def __call__(self, idx):
+        self.calls += 1
+        # length-normalised features with beta=0.1, length_scale=32: mu = 3.2 * (chosen log-ratio - rejected's)
+        return [(torch.tensor([self.MARGINS[i][self.t] / 3.2]), torch.tensor([0.0])) for i in idx]
+
+
+def _moving_state(tmp_path, policy):
+    from alignlab.train.batching import Encoded
+    from alignlab.train.callbacks import TrainState
+
+    pairs = [Pair(f"p{i}", "q", "a", "b") for i in range(4)]
+    enc = [(Encoded([1, 2], [False, True]), Encoded([1, 3], [False, True])) for _ in pairs]
+    return TrainState(pairs=pairs, enc=enc, ref_logps={"chosen": [0.0] * 4, "rejected": [0.0] * 4},
+                      round_dir=tmp_path, seed=0, batch_size=2, epochs=1, token_logps=policy,
+                      grad_vector=lambda: torch.zeros(1))
+
+
+def _one_filtered_step(tmp_path, **kw):
+    policy = _MovingPolicy()
+    sel = SageSelector(keep_ratio=0.5, granularity="step", curriculum=None, snapshot_every=1, stability_window=2, **kw)
+    f, state = SageStepFilter(sel), _moving_state(tmp_path, policy)
+    f.on_train_begin(state)  # records the margins at t = 0
+    policy.t, state.step = 1, 1
+    f.on_step_begin(state)  # records them again at t = 1
+    kept = f.on_batch(state, [0, 1, 2, 3])
+    return kept, f.on_train_end(state, []), f, policy
+
+
+def test_checkpoint_stability_reorders_pairs_whose_margin_swings_and_measures_how_much(tmp_path):
+    kept, out, f, policy = _one_filtered_step(tmp_path)
+    mu = np.array([-1.0, -1.2, 0.0, 3.0])
+    newton = newton_score(mu, 0, 1e-3)  # ranks by the current margin alone: the two errors first
+    assert sorted(np.argsort(-newton)[:2].tolist()) == [0, 1]
+    # pair 1's margin varied across the checkpoints (2.0, -1.2, -1.2): 4x the batch's mean variance, so its decrement
+    # is divided by 5 and the boundary pair 2 takes its place; the steady error 0 stays
+    v = np.var([[-1.0, -1.0, -1.0], [2.0, -1.2, -1.2], [0.0, 0.0, 0.0], [3.0, 3.0, 3.0]], axis=1)
+    assert v[1] / v.mean() == pytest.approx(4.0)
+    stable = checkpoint_stable_score(mu, v, 1e-3)
+    np.testing.assert_allclose(stable, newton / np.array([1.0, 5.0, 1.0, 1.0]))
+    assert kept == sorted(np.argsort(-stable)[:2].tolist()) == [0, 2]
+    assert out["kept_differ_from_newton"] == 0.5 and out["spearman_stable_newton"] == pytest.approx(0.4)
+    assert out["score_forward_tokens"] == 3 * 4 * 4  # two pool records + the candidate batch, 4 tokens per pair
+    assert policy.calls == 3 and out["mean_s2"] == pytest.approx(float(np.mean(v)))
+    rows = read_jsonl(tmp_path / "sage_candidates.jsonl")  # the logged candidate pool
+    assert [r["kept"] for r in rows] == [True, False, True, False] and rows[1]["s2"] == pytest.approx(v[1])
+    # no stability weight, or the old token-level term with nothing moving: exactly newton's choice
+    for kw in ({"stability_weight": 0.0}, {"stability": "token"}):
+        kept, out, _, _ = _one_filtered_step(tmp_path, **kw)
+        assert kept == [0, 1] and out["kept_differ_from_newton"] == 0 and out["spearman_stable_newton"] == 1.0
+    with pytest.raises(ValueError, match="stability"):
+        SageSelector(stability="dropout")
+    with pytest.raises(ValueError, match="snapshot_every"):
+        SageSelector(snapshot_every=0)

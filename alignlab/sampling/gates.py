@@ -200,7 +200,7 @@ class ProximityGate:
     log-prob of the refined text *given the refine prompt* (hint included), so it overstates how proximal
     the text is to the policy's behaviour on the plain problem. ``exact=true`` re-scores the text under the
     *plain* prompt with one forward pass of the policy (the pair's actual chosen log-prob at training time;
-    its FLOPs are not in the sample-stage ledger). The score is stored in the rollout's meta either way
+    its forward tokens are the round ledger's ``proximity`` stage). The score is stored in the rollout's meta either way
     (``proximity_logprob_per_token``, plus ``plain_logprob_sum`` when exact), so ``threshold: null`` measures
     proximity without gating. INFERRED: pace.md names proximity as optional; the threshold is ours.
     """

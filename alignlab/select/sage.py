@@ -11,9 +11,17 @@ reference=previous_round, where every margin is 0 when the round starts).
 Score forms (g = sigmoid(-z) is the gradient signal, c = sigmoid(z) sigmoid(-z) the curvature):
 
 * ``newton``   g^2 / (c + lam): the Newton decrement in the margin. Monotone in z (= ranking by margin).
-* ``stable``   the same decrement with z ~ N(mu, s^2), where s^2 is the token-level variance of the
-               margin: E[g]^2 / (E[c] + Var[g] + lam). A confident error whose margin rests on a few
-               tokens ranks like a boundary pair; with s = 0 it equals ``newton``. Not a function of z alone.
+* ``stable``   the same decrement with z ~ N(mu, s^2): E[g]^2 / (E[c] + Var[g] + lam); with s = 0 it equals
+               ``newton``. s^2 is set by ``stability``:
+               - ``token``: s^2 is the token-level variance of the margin (per-token log-ratio against the round's
+                 start). Measured inert on the embedded task: ``stable`` ranked as ``newton``. Any variance fed into
+                 this Gaussian form is: at z = 0 its value does not depend on s^2, and in-round margins stay near 0.
+               - ``checkpoints`` (default, step granularity): v = the variance of the pair's margin across recent
+                 checkpoints of the round (the whole pool's margins are recorded every ``snapshot_every`` optimiser
+                 steps and at the start; v is over the last ``stability_window`` records plus the current margin),
+                 and the score filters unstable pairs directly: newton / (1 + stability_weight * v / mean(v)), the
+                 mean over the candidate batch (scale-free: margins move by a few hundredths within a round here).
+                 Costs one scoring pass over the pool per record (in the ledger as scoring tokens); any trainer.
 * ``signal``   g only (ablation: no curvature, no stability).
 * ``boundary`` c only (ablation: prefer pairs nearest the decision boundary, the opposite bet).
 
@@ -22,6 +30,7 @@ Score forms (g = sigmoid(-z) is the gradient signal, c = sigmoid(z) sigmoid(-z) 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -64,6 +73,14 @@ def stable_score(mu: np.ndarray, s2: np.ndarray, lam: float, curvature: bool = T
     return eg**2 / (ec * curvature + np.maximum(eg2 - eg**2, 0.0) + lam)
 
 
+def checkpoint_stable_score(mu: np.ndarray, v: np.ndarray, lam: float, curvature: bool = True,
+                            weight: float = 1.0) -> np.ndarray:
+    """Newton decrement divided by 1 + weight * (the margin's variance across checkpoints / its batch mean)."""
+    v = np.asarray(v, dtype=float)
+    rel = v / v.mean() if v.size and v.mean() > 0 else np.zeros_like(v)
+    return newton_score(mu, v, lam, curvature) / (1.0 + weight * rel)
+
+
 def signal_score(mu: np.ndarray, s2: np.ndarray, lam: float, curvature: bool = True) -> np.ndarray:
     return sigmoid(-mu)
 
@@ -72,6 +89,7 @@ def boundary_score(mu: np.ndarray, s2: np.ndarray, lam: float, curvature: bool =
     return sigmoid(mu) * sigmoid(-mu)
 
 
+STABILITY = ("checkpoints", "token")
 SCORES: dict[str, Callable[..., np.ndarray]] = {"newton": newton_score, "stable": stable_score,
                                                 "signal": signal_score, "boundary": boundary_score}
 
@@ -87,7 +105,8 @@ class SageSelector:
 
     def __init__(self, keep_ratio: float = 0.5, score: str = "stable", granularity: str = "step", beta: float = 0.1,
                  lam: float = 1e-3, length_normalized: bool = True, length_scale: float = 32.0,
-                 stability_weight: float = 1.0, curvature: bool = True, curriculum: Curriculum | None = None) -> None:
+                 stability_weight: float = 1.0, curvature: bool = True, curriculum: Curriculum | None = None,
+                 stability: str = "checkpoints", snapshot_every: int = 4, stability_window: int = 3) -> None:
         if not 0 < keep_ratio <= 1:
             raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
         if score not in SCORES:
@@ -100,6 +119,11 @@ class SageSelector:
         for k, v in {"lam": lam, "stability_weight": stability_weight}.items():
             if not v >= 0:
                 raise ValueError(f"{k} must be >= 0, got {v}")
+        if stability not in STABILITY:
+            raise ValueError(f"stability must be one of {list(STABILITY)}, got {stability!r}")
+        for k, v in {"snapshot_every": snapshot_every, "stability_window": stability_window}.items():
+            if int(v) < 1:
+                raise ValueError(f"{k} must be >= 1, got {v}")
         if lam == 0 and not curvature and score in ("newton", "stable"):
             raise ValueError("lam must be > 0 when curvature=false (the score would divide by zero)")
         self.keep_ratio, self.score_name, self.granularity = float(keep_ratio), score, granularity
@@ -107,6 +131,8 @@ class SageSelector:
         self.length_scale, self.stability_weight, self.curvature = float(length_scale), float(stability_weight), \
             bool(curvature)
         self.curriculum = curriculum
+        self.stability, self.snapshot_every, self.stability_window = stability, int(snapshot_every), \
+            int(stability_window)
         self.round_info: dict | None = None  # set by the runner before each round (observe_round)
 
     def observe_round(self, round_index: int, pass_rates: Sequence[float]) -> None:
@@ -115,7 +141,11 @@ class SageSelector:
 
     @property
     def uses_token_stats(self) -> bool:
-        return self.score_name == "stable" and self.stability_weight > 0
+        return self.score_name == "stable" and self.stability_weight > 0 and self.stability == "token"
+
+    @property
+    def uses_checkpoints(self) -> bool:
+        return self.score_name == "stable" and self.stability_weight > 0 and self.stability == "checkpoints"
 
     def features(self, pc, pr, rc, rr, nc, nr, var_c=None, var_r=None) -> tuple[np.ndarray, np.ndarray]:
         """Margin mu = beta*h and its token-level variance s^2 (``var_*``: per-token log-ratio variances)."""
@@ -169,9 +199,9 @@ class SageSelector:
         if scorer is None:
             raise ValueError("selector=sage with granularity=pool needs the runner's pair scorer")
         lp = scorer(pairs)
-        if self.uses_token_stats:
-            log.warning("sage: the scorer gives summed log-probs only; the pool-level stable score runs with s^2=0 "
-                        "(= newton). Use granularity=step for token-level stability.")
+        if self.score_name == "stable" and self.stability_weight > 0:
+            log.warning("sage: the pool-level scorer sees one checkpoint; the stable score runs with s^2=0 "
+                        "(= newton). Use granularity=step for a stability term.")
         mu, s2 = self.features(lp["policy_chosen"], lp["policy_rejected"], lp["ref_chosen"], lp["ref_rejected"],
                                lp["chosen_tokens"], lp["rejected_tokens"])
         if np.all(np.abs(mu) < 1e-6):
@@ -253,11 +283,33 @@ class SageStepFilter(TrainerCallback):
         self.rng = np.random.default_rng(state.seed)
         self.start = state.token_logps(list(range(len(enc)))) if self.sel.uses_token_stats else None
         self.score_tokens = sum(len(c.ids) + len(r.ids) for c, r in enc) if self.start is not None else 0
-        self.log: dict[str, list] = {"mu": [], "score": [], "kept_mu": [], "kept_score": []}
+        self.snapshots: list[np.ndarray] = []  # the pool's margins at recent checkpoints (stability=checkpoints)
+        if self.sel.uses_checkpoints:
+            self._snapshot(state)
+        self.log: dict[str, list] = {"mu": [], "score": [], "kept_mu": [], "kept_score": [], "newton": [], "s2": []}
+        self.differ = 0  # kept pairs that the newton score (same batch, same buckets) would not have kept
         self.kept_rows: list[dict[str, Any]] = []
+        self.cand_rows: list[dict[str, Any]] = []  # every scored candidate: the logged pool of the stability study
         self.avail: dict[str, int] = {}
         self.took: dict[str, int] = {}
         self.step_kept = self.step_cands = 0
+
+    def _margins(self, pol, idx) -> np.ndarray:
+        pc = np.array([float(c.sum()) for c, _ in pol])
+        pr = np.array([float(r.sum()) for _, r in pol])
+        nc, nr = np.array([len(c) for c, _ in pol]), np.array([len(r) for _, r in pol])
+        return self.sel.features(pc, pr, self.ref_c[idx], self.ref_r[idx], nc, nr)[0]
+
+    def _snapshot(self, state: TrainState) -> None:
+        """Record every pool pair's margin under the current policy (one scoring pass, charged to the ledger)."""
+        idx = list(range(len(state.enc)))
+        self.snapshots = [*self.snapshots[-(self.sel.stability_window - 1):], self._margins(state.token_logps(idx), idx)] \
+            if self.sel.stability_window > 1 else [self._margins(state.token_logps(idx), idx)]
+        self.score_tokens += sum(len(c.ids) + len(r.ids) for c, r in state.enc)
+
+    def on_step_begin(self, state: TrainState) -> None:
+        if self.sel.uses_checkpoints and state.step > 0 and state.step % self.sel.snapshot_every == 0:
+            self._snapshot(state)
 
     def on_batch(self, state: TrainState, idx: list[int]) -> list[int]:
         enc = state.enc
@@ -271,9 +323,17 @@ class SageStepFilter(TrainerCallback):
             var_c = np.array([_var(c - self.start[i][0]) for (c, _), i in zip(pol, idx)])
             var_r = np.array([_var(r - self.start[i][1]) for (_, r), i in zip(pol, idx)])
         mu, s2 = self.sel.features(pc, pr, self.ref_c[idx], self.ref_r[idx], nc, nr, var_c, var_r)
-        scores = self.sel.score(mu, s2)
+        if self.snapshots:  # variance of each margin over the recent checkpoints and now
+            s2 = np.stack([snap[idx] for snap in self.snapshots] + [mu]).var(axis=0)
+            scores = checkpoint_stable_score(mu, s2, self.sel.lam, self.sel.curvature, self.sel.stability_weight)
+        else:
+            scores = self.sel.score(mu, s2)
         buckets = [self.plan["buckets"][i] for i in idx] if self.plan["buckets"] else None
+        newton = newton_score(mu, s2, self.sel.lam, self.sel.curvature)
+        # the counterfactual newton choice breaks ties with the same random draws (a copy of the filter's RNG)
+        kept_newton = self.sel.keep(newton, buckets, self.plan["stage"], copy.deepcopy(self.rng))
         kept = self.sel.keep(scores, buckets, self.plan["stage"], self.rng)
+        self.differ += len(set(kept) - set(kept_newton))
         self.score_tokens += sum(len(enc[i][0].ids) + len(enc[i][1].ids) for i in idx)
         self.step_cands += len(idx)
         self.step_kept += len(kept)
@@ -284,11 +344,17 @@ class SageStepFilter(TrainerCallback):
                 self.took[buckets[j]] = self.took.get(buckets[j], 0) + 1
             self.kept_rows.append({"step": state.step, "epoch": state.epoch, "pair": int(idx[j]),
                                    "problem_id": state.pairs[idx[j]].problem_id, "score": float(scores[j]),
-                                   "z": float(mu[j]), "bucket": buckets[j] if buckets else None})
+                                   "z": float(mu[j]), "s2": float(s2[j]), "bucket": buckets[j] if buckets else None})
         self.log["mu"] += mu.tolist()
         self.log["score"] += scores.tolist()
         self.log["kept_mu"] += mu[kept].tolist()
         self.log["kept_score"] += scores[kept].tolist()
+        self.log["newton"] += newton.tolist()
+        self.log["s2"] += np.broadcast_to(s2, mu.shape).tolist()
+        keep_set = set(kept)
+        self.cand_rows += [{"step": state.step, "pair": int(i), "z": float(mu[j]), "s2": float(np.broadcast_to(s2, mu.shape)[j]),
+                            "score": float(scores[j]), "newton": float(newton[j]), "kept": j in keep_set,
+                            "bucket": buckets[j] if buckets else None} for j, i in enumerate(idx)]
         return [idx[j] for j in kept]
 
     def on_step_end(self, state: TrainState) -> dict[str, float]:
@@ -312,11 +378,38 @@ class SageStepFilter(TrainerCallback):
             "margin_hist_kept": histogram(self.log["kept_mu"], MARGIN_EDGES)})
         if state.rank == 0:
             write_jsonl(state.round_dir / "kept_pairs.jsonl", self.kept_rows)
-        out = {"candidate_pairs": len(self.log["mu"]), "kept_pairs": len(self.log["kept_mu"]),
-               "score_forward_tokens": self.score_tokens}
+            write_jsonl(state.round_dir / "sage_candidates.jsonl", self.cand_rows)
+        n_kept = len(self.log["kept_mu"])
+        out = {"candidate_pairs": len(self.log["mu"]), "kept_pairs": n_kept, "score_forward_tokens": self.score_tokens,
+               # does the stability term act? rank agreement with newton over the round's candidates, and the share
+               # of kept pairs newton would not have kept
+               "spearman_stable_newton": spearman(self.log["score"], self.log["newton"]),
+               "kept_differ_from_newton": self.differ / n_kept if n_kept else 0.0,
+               "mean_s2": float(np.mean(self.log["s2"])) if self.log["s2"] else 0.0}
+        state.log.update({k: out[k] for k in ("spearman_stable_newton", "kept_differ_from_newton", "mean_s2")})
         if self.plan["stage"] is not None:  # the curriculum's decision, into the round's train.json / metrics.json
             out.update(curriculum_stage=self.plan["stage"] + 1, curriculum_competence=self.plan["competence"])
         return out
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation (average ranks for ties); 1.0 when either side is constant or has < 2 values."""
+    def ranks(x: np.ndarray) -> np.ndarray:
+        order = np.argsort(x, kind="mergesort")
+        sx, r, i = x[order], np.empty(len(x)), 0
+        while i < len(x):
+            j = i
+            while j + 1 < len(x) and sx[j + 1] == sx[i]:
+                j += 1
+            r[order[i: j + 1]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return 1.0
+    rx, ry = ranks(x), ranks(y)
+    return float(np.corrcoef(rx, ry)[0, 1])
 
 
 def _var(x: torch.Tensor) -> float:
