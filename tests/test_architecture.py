@@ -88,3 +88,23 @@ def test_a_private_api_at_an_untested_version_fails_naming_library_version_and_r
         _compat.dynamic_layer_base()
     monkeypatch.undo()
     assert _compat.dynamic_layer_base().__name__ == "DynamicLayer"  # the installed version is in the tested range
+
+
+def test_one_training_core_one_private_api_module_and_a_runner_that_knows_only_protocols():
+    """The layout the code relies on to stay small: each of these exists in exactly one place."""
+    import re
+
+    from conftest import ROOT
+
+    sources = {p.relative_to(ROOT).as_posix(): p.read_text() for p in (ROOT / "alignlab").rglob("*.py")}
+
+    def where(pattern: str) -> list[str]:
+        return sorted(f for f, s in sources.items() if re.search(pattern, s))
+
+    assert where(r"layer_class_to_replicate|build_shm_op|_zero3_consolidated|engine_core") == ["alignlab/_compat.py"]
+    assert sum(s.count("AdamW(") for s in sources.values()) == 1 and where(r"AdamW\(") == ["alignlab/train/core.py"]
+    assert sum(s.count("save_pretrained(") for s in sources.values()) == 1
+    runner = sources["alignlab/runner.py"]
+    assert len(runner.splitlines()) <= 200
+    assert not re.search(r"\b(isinstance|getattr|hasattr)\(", runner)
+    assert not re.search(r"^\s*(from|import) alignlab\.train", runner, re.M)

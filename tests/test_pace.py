@@ -244,7 +244,7 @@ def test_reduced_pace_run_end_to_end_reports_effective_n_and_chosen_fp_rate(tmp_
     refined = [x for x in rollouts if x.source == "refined"]
     assert len(rollouts) == led["samples"] and refined
     assert all("gate" in x.meta and "true_verdict" in x.meta for x in refined)
-    pairs = [json.loads(line) for line in (tmp_path / "round_1" / "pairs.jsonl").read_text().splitlines()[:-1]]
+    pairs = [json.loads(line) for line in (tmp_path / "round_1" / "pairs.jsonl").read_text().splitlines()]
     assert r["pairs"] == len(pairs) and {p["meta"]["kind"] for p in pairs} <= {"corrective", "natural"}
     assert all("Previous attempt" not in p["prompt"] for p in pairs)
     assert all(p["meta"]["chosen_true"] is not None for p in pairs)

@@ -88,6 +88,8 @@ def _prealloc_cache(extra: int):
 class HFGenerator:
     """``generation=hf``: temperature / top-p sampling, or greedy, in length-sorted batches."""
 
+    ranks = 1  # processes that compute a call (the ledger's ``ranks``); on the trainer's ranks: RankGenerator
+
     def __init__(self, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 128,
                  batch_size: int = 256, device: str = "auto", dtype: str = "float32",
                  max_prompt_tokens: int | None = None, stop_tokens: list[str] | None = None) -> None:

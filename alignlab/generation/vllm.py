@@ -32,6 +32,11 @@ INSTALL = "pip install -e '.[vllm]'"
 class VLLMGenerator:
     """Batched sampling with vLLM's offline ``LLM``; the model is (re)loaded when the directory changes."""
 
+    @property
+    def ranks(self) -> int:
+        """Engines that compute a call (the ledger's ``ranks``)."""
+        return self.data_parallel_size
+
     def __init__(self, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 2048,
                  tensor_parallel_size: int = 1, data_parallel_size: int = 1, gpu_memory_utilization: float = 0.85,
                  max_model_len: int | None = None, dtype: str = "auto", enable_prefix_caching: bool = True,

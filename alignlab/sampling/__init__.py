@@ -38,8 +38,19 @@ class Sampler(Protocol):
 
     def sample(self, problems: list[Problem], ctx: SampleContext) -> list[Rollout]: ...
 
+    def policy_rollouts(self, rollouts: list[Rollout]) -> list[Rollout]: ...  # SamplerBase gives it
 
-class BestOfNSampler:
+
+class SamplerBase:
+    """What the runner asks of every sampler besides ``sample``."""
+
+    def policy_rollouts(self, rollouts: list[Rollout]) -> list[Rollout]:
+        """The round's samples of the policy itself, which the entropy / pass@k diagnostics describe: all of them
+        unless the sampler adds others (PACE's refinements)."""
+        return rollouts
+
+
+class BestOfNSampler(SamplerBase):
     """DPO-R1: N independent policy samples per prompt (temperature from the generator)."""
 
     def __init__(self, n: int = 8) -> None:
@@ -51,7 +62,7 @@ class BestOfNSampler:
         return ctx.sample(problems, self.n)
 
 
-class MixedPolicySampler:
+class MixedPolicySampler(SamplerBase):
     """A share ``on_policy`` (lambda) of the N samples from the current policy, the rest from pi_0.
 
     lambda = 1 is Best-of-N; lambda < 1 mixes in base-model samples (ipo_dynamics.md: the on-policy

@@ -23,7 +23,7 @@ from typing import Any
 
 from alignlab.pairs import group_by_problem
 from alignlab.records import Problem, Rollout
-from alignlab.sampling import SampleContext
+from alignlab.sampling import SampleContext, SamplerBase
 from alignlab.sampling.gates import PASS, Candidate, apply_gates, build_gates
 
 log = logging.getLogger("alignlab")
@@ -41,7 +41,7 @@ def set_verdicts(rollouts: list[Rollout], golds: list[str], verifier) -> None:
             r.meta["true_verdict"] = v.true_correct
 
 
-class PaceSampler:
+class PaceSampler(SamplerBase):
     """PACE exploration at 2 < N_eff < 3: n policy samples, one gated hindsight refinement per failing prompt.
 
     Args:
@@ -79,6 +79,10 @@ class PaceSampler:
                  len(policy), len(refined), self.last_gate_counts,
                  (len(policy) + len(refined)) / max(1, len(problems)))
         return policy + refined
+
+    def policy_rollouts(self, rollouts: list[Rollout]) -> list[Rollout]:
+        """Without the refinements: they are not the policy's own samples."""
+        return [r for r in rollouts if r.source != "refined"]
 
     def to_refine(self, problems: list[Problem], policy: list[Rollout], seed: int) -> list[tuple[Problem, Rollout]]:
         """(problem, failed rollout) for each prompt that gets its one refinement."""

@@ -19,8 +19,23 @@ class Selector(Protocol):
         """``scorer`` gives per-pair policy/reference log-probs for score-based selectors."""
         ...
 
+    def observe_round(self, round_index: int, pass_rates: list[float]) -> None: ...  # SelectorHooks gives both
 
-class FullSelector:
+    def callbacks(self) -> list: ...
+
+
+class SelectorHooks:
+    """What the runner asks of every selector besides ``select``; most have nothing to add."""
+
+    def observe_round(self, round_index: int, pass_rates: list[float]) -> None:
+        """The round index and the all-prompt mean pass rates of rounds 1..k (a curriculum advances on them)."""
+
+    def callbacks(self) -> list:
+        """Trainer callbacks this selector runs in-step (SAGE's per-step filter); none by default."""
+        return []
+
+
+class FullSelector(SelectorHooks):
     """``selector=full`` ("DPO Full"): every pair."""
 
     def select(self, pairs: list[Pair], seed: int, scorer=None) -> list[Selected]:

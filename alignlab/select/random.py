@@ -10,11 +10,12 @@ import dataclasses
 import numpy as np
 
 from alignlab.records import Pair, Selected
+from alignlab.select import SelectorHooks
 from alignlab.select.curriculum import Curriculum
 from alignlab.select.sage import keep_count
 
 
-class RandomSelector:
+class RandomSelector(SelectorHooks):
     """Keep exactly ceil(keep_ratio * n) pairs chosen uniformly at random (seeded by the round's seed)."""
 
     def __init__(self, keep_ratio: float = 0.5) -> None:

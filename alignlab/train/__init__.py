@@ -27,6 +27,16 @@ class Trainer(Protocol):
         """``ref_logps`` holds summed reference log-probs ``chosen`` / ``rejected`` aligned with ``pairs``."""
         ...
 
+    def logps(self, model_dir: str | Path, pairs: list[Pair], workdir: str | Path | None = None) -> dict:
+        """Summed chosen/rejected log-probs under ``model_dir``, computed where this trainer keeps weights."""
+        ...
+
+    def world_size(self) -> int: ...
+
+    def generator(self, gen, workdir: str | Path):
+        """``gen`` as it runs for this trainer (on its ranks, or as it is)."""
+        ...
+
 
 class NonFiniteLossError(RuntimeError):
     """Raised when a step produces a NaN/inf loss or an exploding gradient; the round stops."""

@@ -258,6 +258,13 @@ class DeepSpeedTrainer:
         shutil.rmtree(work, ignore_errors=True)
         return out
 
+    def generator(self, gen, workdir: str | Path):
+        """Generation runs where the weights live: on this trainer's ranks when the generator can shard its
+        batches (generation=hf), else in the runner's process (vLLM's own engines)."""
+        from alignlab.generation.ranks import RankGenerator, shardable
+
+        return RankGenerator(gen, self, Path(workdir)) if shardable(gen) else gen
+
     def run_on_ranks(self, module: str, work: Path, on_progress=lambda: None) -> None:
         """Start ``python -m <module> <work>`` on every rank with this trainer's launcher (torchrun or the DeepSpeed
         hostfile launcher), wait, and raise the first rank's error. Generation shards its prompts this way."""

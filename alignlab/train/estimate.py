@@ -8,7 +8,7 @@ values, written out below. Memory is model states only (weights, gradients, opti
 ``estimate_zero2_model_states_mem_needs`` / ``estimate_zero3_model_states_mem_needs`` with no offload, plus the
 largest activation of DPO training in this code: the fp32 log-softmax input of one micro-batch (chosen and
 rejected concatenated). Time is the round's ledger FLOPs (2·params per forward token, 6·params per trained token,
-as ``alignlab/runner.py`` records them) divided by ``gpus x peak x MFU``.
+as ``alignlab/stages.py`` records them) divided by ``gpus x peak x MFU``.
 """
 
 from __future__ import annotations

@@ -74,6 +74,10 @@ class TorchTrainer:
         """Processes that compute this trainer's forwards: one."""
         return 1
 
+    def generator(self, gen, workdir: str | Path):
+        """The generator as this trainer runs it: in this process, where the weights are."""
+        return gen
+
     def logps(self, model_dir: str | Path, pairs: list[Pair], workdir: str | Path | None = None) -> dict[str, Any]:
         """Summed chosen/rejected log-probs under ``model_dir`` (reference, scoring), in this process."""
         return reference_logps(model_dir, pairs, max_len=self.max_length)

@@ -27,9 +27,18 @@ class Verdict:
 
 @runtime_checkable
 class Verifier(Protocol):
+    """What the runner uses: ``check``, ``pair_stats`` and ``with verifier:`` (its resources end with the run);
+    subclass ``_Closeable`` to get all but ``check``."""
+
     def check(self, predictions: list[str], golds: list[str]) -> list[Verdict]: ...
 
     def verify_batch(self, predictions: list[str], golds: list[str]) -> list[bool]: ...
+
+    def pair_stats(self, pairs: list) -> dict[str, float]: ...
+
+    def __enter__(self): ...
+
+    def __exit__(self, *exc) -> None: ...
 
 
 def _same_length(predictions: list[str], golds: list[str]) -> None:
@@ -49,6 +58,13 @@ class _Closeable:
 
     def close(self) -> None:
         """Release resources (no-op unless overridden)."""
+
+    def pair_stats(self, pairs: list) -> dict[str, float]:
+        """Verdict statistics of the pairs a round trained on: the share whose chosen response is wrong by the
+        truth (``chosen_true`` False, which a verifier that may lie records; 0 when none is recorded)."""
+        known = [p.meta.get("chosen_true") for p in pairs]
+        fp = [c is False for c in known if c is not None]
+        return {"chosen_false_positive_rate": (sum(fp) / len(fp)) if fp else 0.0}
 
     def __enter__(self):
         return self

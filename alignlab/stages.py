@@ -1,0 +1,422 @@
+"""The stages of one round: prompts -> sample -> verify -> pairs -> select -> train -> eval -> metrics.
+
+Each stage reads the artifacts earlier stages left on a :class:`Round` and writes its own, atomically, into the
+round's directory, so a restarted run (``resume=true`` or the same output dir) skips every complete stage and a
+kill at any point loses at most the stage in flight. A stage's ledger entry is written before its artifact: a
+stage that is redone overwrites its entry, never adds twice. The stages talk to components only through their
+config-group protocols; what is specific to one component (PACE's refinements, a lying verifier's statistics,
+where a trainer runs generation) is that component's answer to a protocol method.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from alignlab.ledger import LEDGER_KEYS as REPORTED_KEYS
+from alignlab.pairs import group_by_problem
+from alignlab.records import (
+    Pair,
+    Problem,
+    Rollout,
+    Selected,
+    atomic_write_text,
+    conversational_pair,
+    is_complete,
+    read_jsonl,
+    write_jsonl,
+)
+from alignlab.sampling import SampleContext
+
+log = logging.getLogger("alignlab")
+# forward_tokens: every token through a model (prompts included); trained_pairs: pair instances trained on
+LEDGER_KEYS = (*REPORTED_KEYS, "forward_tokens", "trained_pairs")
+
+
+class Ledger:
+    """Per-round compute ledger, one entry per stage, persisted next to the round's artifacts."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.stages: dict[str, dict[str, float]] = json.loads(path.read_text()) if path.exists() else {}
+
+    def record(self, stage: str, **cost: float) -> None:
+        self.stages[stage] = cost
+        atomic_write_text(self.path, json.dumps(self.stages, indent=1))
+
+    def totals(self) -> dict[str, float]:
+        tot = {k: 0.0 for k in LEDGER_KEYS}
+        for cost in self.stages.values():
+            for k in LEDGER_KEYS:
+                tot[k] += cost.get(k, 0.0)
+        out: dict[str, Any] = {k: (int(v) if k not in ("flops", "wall_s") else float(v)) for k, v in tot.items()}
+        out["ranks"] = {s: int(c["ranks"]) for s, c in self.stages.items() if "ranks" in c}
+        out["stage_wall_s"] = {s: round(c.get("wall_s", 0.0), 3) for s, c in self.stages.items()}
+        return out
+
+
+def jsonl_stage(path: Path, cls: type, ledger: Ledger, name: str, compute: Callable[[], tuple[list, dict]]) -> list:
+    """Load ``path`` if complete; otherwise compute, record its cost, then write atomically."""
+    if is_complete(path):
+        records = read_jsonl(path, cls)
+        log.info("%s: %d records from %s (done before)", stage_label(path, name), len(records), path.name)
+        return records
+    if path.exists():
+        log.warning("%s is incomplete (left by a crash): regenerating it", path)
+    t0 = time.time()
+    records, cost = compute()
+    ledger.record(name, wall_s=time.time() - t0, **cost)
+    write_jsonl(path, records)
+    log.info("%s: %d records in %.1f s -> %s", stage_label(path, name), len(records), time.time() - t0, path.name)
+    return records
+
+
+def stage_label(path: Path, name: str) -> str:
+    """``round_2 sample`` / ``base_eval``: what the one INFO line per stage starts with."""
+    return f"{path.parent.name} {name or path.stem}" if path.parent.name.startswith("round_") else name or path.stem
+
+
+def json_stage(path: Path, compute: Callable[[], dict], ledger: Ledger | None = None, name: str = "") -> dict:
+    if path.exists():
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            log.warning("%s is corrupt: regenerating it", path)
+    t0 = time.time()
+    result = compute()
+    if ledger is not None:
+        ledger.record(name, wall_s=time.time() - t0)
+    atomic_write_text(path, json.dumps(result, indent=1))
+    counts = f" n={result['n']}," if isinstance(result, dict) and "n" in result else ""
+    log.info("%s:%s in %.1f s -> %s", stage_label(path, name), counts, time.time() - t0, path.name)
+    return result
+
+
+def checkpoint_key(model_dir: str | Path) -> str:
+    """Cheap identity of a checkpoint (path, config, weight file sizes and mtimes)."""
+    d = Path(model_dir)
+    parts = [str(d.resolve())]
+    for f in sorted(d.glob("*")):
+        if f.suffix in (".json", ".safetensors"):
+            st = f.stat()
+            parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()
+
+
+def pairs_key(pairs: list[Pair]) -> str:
+    h = hashlib.sha1()
+    for p in pairs:
+        h.update(json.dumps([p.prompt, p.chosen, p.rejected]).encode())
+    return h.hexdigest()
+
+
+def rollout_diagnostics(problems: list[Problem], rollouts: list[Rollout]) -> dict[str, float]:
+    """Entropy / collapse diagnostics from the policy's samples (pass@k, distinct answers, entropy)."""
+    groups = group_by_problem(rollouts)
+    pass_k, rate, distinct, ent, finished = [], [], [], [], []
+    for p in problems:
+        rs = groups.get(p.id, [])
+        if not rs:
+            continue
+        v = [bool(r.verdict) for r in rs]
+        pass_k.append(any(v))
+        rate.append(sum(v) / len(v))
+        distinct.append(len({r.extracted for r in rs}))
+        ent += [r.meta.get("entropy", 0.0) for r in rs]
+        finished += [bool(r.meta.get("finished", True)) for r in rs]
+    mean = lambda xs: float(sum(xs) / len(xs)) if xs else 0.0  # noqa: E731
+    return {"pass_at_k": mean(pass_k), "mean_pass_rate": mean(rate), "distinct_answers": mean(distinct),
+            "token_entropy": mean(ent), "finished_rate": mean(finished),
+            "all_correct": mean([r == 1.0 for r in rate]), "all_wrong": mean([r == 0.0 for r in rate])}
+
+
+class MeteredGenerator:
+    """Counts ``forward_tokens`` of every generate call (each prompt once, as its KV cache is shared by its
+    samples, plus every generated token) for the ledger; otherwise the wrapped generator."""
+
+    def __init__(self, inner, tok) -> None:
+        self.inner, self.tok, self.forward_tokens = inner, tok, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["inner"], name)
+
+    def generate(self, model_dir, prompts, n, seed, greedy=False):
+        outs = self.inner.generate(model_dir, prompts, n, seed, greedy=greedy)
+        self.forward_tokens += sum(len(self.tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+        self.forward_tokens += sum(s.tokens for o in outs for s in o)
+        return outs
+
+    def release(self) -> None:
+        self.inner.release()
+
+
+@dataclass
+class Run:
+    """What every round of a run shares: its components, directories, tokenizer and held-out set."""
+
+    cfg: Any
+    out_dir: Path
+    spec: Any
+    data: Any
+    gen: Any
+    sampler: Any
+    verifier: Any
+    pair_builder: Any
+    selector: Any
+    loss: Any
+    reference: Any
+    trainer: Any
+    evaluator: Any
+    logger: Any
+    tok: Any = None
+    heldout: Any = None
+    n_params: int = 0
+
+    @property
+    def base_dir(self) -> str:
+        return str(self.spec.directory)
+
+
+@dataclass
+class Round:
+    """One round's artifacts as its stages produce them (each also on disk in ``rd``)."""
+
+    run: Run
+    k: int
+    start_dir: str
+    rd: Path = field(init=False)
+    ledger: Ledger = field(init=False)
+    problems: list[Problem] = field(default_factory=list)
+    rollouts: list[Rollout] = field(default_factory=list)
+    verdicts: list[Rollout] = field(default_factory=list)
+    pairs: list[Pair] = field(default_factory=list)
+    selected: list[Selected] = field(default_factory=list)
+    train_info: dict[str, Any] = field(default_factory=dict)
+    eval: dict[str, Any] = field(default_factory=dict)
+    entry: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.rd = self.run.out_dir / f"round_{self.k}"
+        self.rd.mkdir(exist_ok=True)
+        self.ledger = Ledger(self.rd / "ledger.json")
+
+    @property
+    def seed(self) -> int:
+        return int(self.run.cfg.seed)
+
+    @property
+    def chain(self) -> list[str]:
+        """The policies so far: the base model, then each earlier round's checkpoint (the reference's input)."""
+        return [self.run.base_dir] + [str(self.run.out_dir / f"round_{j}" / "checkpoint") for j in range(1, self.k)]
+
+    @property
+    def ckpt(self) -> Path:
+        return self.rd / "checkpoint"
+
+
+def prompts_stage(r: Round) -> None:
+    r.problems = jsonl_stage(r.rd / "prompts.jsonl", Problem, r.ledger, "prompts", lambda: (r.run.data.train(r.k), {}))
+
+
+def sample_stage(r: Round) -> None:
+    run, gated = r.run, {"forward_tokens": 0}  # a sampler's own scoring passes (PACE's exact proximity gate)
+
+    def sampler_logps(d, ps):
+        res = run.trainer.logps(d, ps, workdir=r.rd)
+        gated["forward_tokens"] += int(res.get("forward_tokens", 0))
+        return res
+
+    ctx = SampleContext(r.start_dir, run.gen, run.spec, run.tok, run.verifier, seed=r.seed * 1_000_003 + r.k,
+                        base_dir=run.base_dir, logps=sampler_logps)
+
+    def do_sample():
+        run.gen.forward_tokens = 0
+        rs = run.sampler.sample(r.problems, ctx)
+        if gated["forward_tokens"]:  # its own ledger entry (its wall time is inside the sample stage's)
+            r.ledger.record("proximity", wall_s=0.0, forward_tokens=gated["forward_tokens"],
+                            flops=2.0 * run.n_params * gated["forward_tokens"], ranks=run.trainer.world_size())
+        return rs, {"prompts": len(r.problems), "samples": len(rs), "generated_tokens": sum(x.tokens for x in rs),
+                    "forward_tokens": run.gen.forward_tokens, "flops": 2.0 * run.n_params * run.gen.forward_tokens,
+                    "ranks": run.gen.ranks}
+
+    r.rollouts = jsonl_stage(r.rd / "rollouts.jsonl", Rollout, r.ledger, "sample", do_sample)
+
+
+def verify_stage(r: Round) -> None:
+    gold = {p.id: p.answer for p in r.problems}
+
+    def do_verify():
+        todo = [x for x in r.rollouts if x.verdict is None]
+        for x, v in zip(todo, r.run.verifier.check([x.text for x in todo], [gold[x.problem_id] for x in todo])):
+            x.verdict, x.extracted = v.correct, v.extracted
+            if v.true_correct is not None:
+                x.meta["true_verdict"] = v.true_correct
+        return r.rollouts, {}
+
+    r.verdicts = jsonl_stage(r.rd / "verdicts.jsonl", Rollout, r.ledger, "verify", do_verify)
+
+
+def pairs_stage(r: Round) -> None:
+    run = r.run
+    prompts = {p.id: run.spec.render(run.tok, p.prompt) for p in r.problems}
+    r.pairs = jsonl_stage(r.rd / "pairs.jsonl", Pair, r.ledger, "pairs",
+                          lambda: (run.pair_builder.build(r.problems, r.verdicts, prompts, seed=r.seed + r.k), {}))
+    # pairs_format=conversational: the pairs in TRL's messages format too
+    conv = r.rd / "pairs.conversational.jsonl"
+    if run.cfg.get("pairs_format") == "conversational" and not is_complete(conv):
+        messages = {p.id: run.spec.messages(run.spec.prompt_template.replace("{problem}", p.prompt))
+                    for p in r.problems}
+        write_jsonl(conv, [conversational_pair(p, messages[p.problem_id]) for p in r.pairs])
+
+
+def diagnostics(r: Round) -> dict[str, float]:
+    return rollout_diagnostics(r.problems, r.run.sampler.policy_rollouts(r.verdicts))
+
+
+def select_stage(r: Round) -> None:
+    run = r.run
+    scorer = make_scorer(run.reference, r.chain, r.rd, run.trainer)
+    # a curriculum advances on the round and its all-prompt pass rates
+    rates = [json.loads((run.out_dir / f"round_{j}" / "metrics.json").read_text())["diagnostics"]["mean_pass_rate"]
+             for j in range(1, r.k)]
+    run.selector.observe_round(r.k, [*rates, diagnostics(r)["mean_pass_rate"]])
+
+    def do_select():
+        chosen = run.selector.select(r.pairs, seed=r.seed + r.k, scorer=scorer)
+        return chosen, ({"forward_tokens": scorer.forward_tokens, "flops": 2.0 * run.n_params * scorer.forward_tokens,
+                         "ranks": run.trainer.world_size()} if scorer.forward_tokens else {})
+
+    r.selected = jsonl_stage(r.rd / "selected.jsonl", Selected, r.ledger, "select", do_select)
+
+
+def train_stage(r: Round) -> None:
+    """Reference log-probs, then the trainer; ``train.json`` is written last, so a checkpoint without it (killed
+    in between) is trained again."""
+    run, rd, ckpt = r.run, r.rd, r.ckpt
+    train_pairs = [s.pair for s in r.selected]
+    if not (ckpt / "config.json").exists() or not (rd / "train.json").exists():
+        run.gen.release()
+        ref = reference_stage(rd, r.ledger, run.reference, r.chain, train_pairs, run.trainer, run.n_params)
+        t0 = time.time()
+        if train_pairs:
+            res = run.trainer.train(r.start_dir, train_pairs, ref, run.loss, ckpt, seed=r.seed * 7919 + r.k,
+                                    logger=run.logger, callbacks=run.selector.callbacks())
+            info = {"steps": res.steps, "trained_tokens": res.trained_tokens, **res.summary}
+        else:
+            log.warning("round %d: no pairs to train on; the policy is carried over unchanged", r.k)
+            shutil.rmtree(rd / "checkpoint.tmp", ignore_errors=True)
+            shutil.copytree(r.start_dir, rd / "checkpoint.tmp")
+            shutil.rmtree(ckpt, ignore_errors=True)
+            (rd / "checkpoint.tmp").rename(ckpt)
+            info = {"steps": 0, "trained_tokens": 0, "trained_pairs": 0, "pairs_per_epoch": 0}
+        scored = int(info.get("score_forward_tokens", 0))  # an in-step filter's no-grad forwards
+        n = run.n_params
+        r.ledger.record("train", wall_s=time.time() - t0, trained_tokens=info["trained_tokens"],
+                        trained_pairs=int(info.get("trained_pairs", 0)), forward_tokens=info["trained_tokens"] + scored,
+                        flops=6.0 * n * info["trained_tokens"] + 2.0 * n * scored, ranks=run.trainer.world_size())
+        atomic_write_text(rd / "train.json", json.dumps(info, indent=1))
+        log.info("%s train: %d pairs, %d steps, %d tokens in %.1f s", rd.name, len(train_pairs), info["steps"],
+                 info["trained_tokens"], time.time() - t0)
+    r.train_info = json.loads((rd / "train.json").read_text())
+
+
+def eval_stage(r: Round) -> None:
+    run = r.run
+    r.eval = json_stage(r.rd / "eval.json",
+                        lambda: run.evaluator.evaluate(str(r.ckpt), run.gen, run.spec, run.tok, run.heldout))
+
+
+def metrics_stage(r: Round) -> None:
+    """``metrics.json``: the round's row of the summary; logged and printed."""
+    run, ev, info = r.run, r.eval, r.train_info
+    diag = diagnostics(r)
+    # the pairs actually trained on, per epoch (an in-step filter keeps a share of each candidate batch)
+    n_selected = round(info["pairs_per_epoch"]) if "pairs_per_epoch" in info else len(r.selected)
+    r.entry = {"round": r.k, "eval": ev, "pairs": len(r.pairs), "selected": n_selected, "ledger": r.ledger.totals(),
+               "diagnostics": diag, "train": info, **run.verifier.pair_stats([s.pair for s in r.selected])}
+    atomic_write_text(r.rd / "metrics.json", json.dumps(r.entry, indent=1))
+    run.logger.log({"round": r.k, "eval/accuracy": ev["accuracy"], "pairs": len(r.pairs), "selected": n_selected,
+                    **{f"ledger/{a}": b for a, b in r.entry["ledger"].items() if a in LEDGER_KEYS},
+                    **{f"diag/{a}": b for a, b in diag.items()},
+                    **{f"train_round/{a}": b for a, b in info.items() if isinstance(b, (int, float))}})
+    log.info("round %d: accuracy %.3f ± %.3f, pairs %d, selected %d", r.k, ev["accuracy"], ev["se"], len(r.pairs),
+             n_selected)
+
+
+# A round, in order: each stage takes the artifacts the earlier ones left on the Round and writes its own.
+ROUND_STAGES = (prompts_stage, sample_stage, verify_stage, pairs_stage, select_stage, train_stage, eval_stage,
+                metrics_stage)
+
+
+def make_scorer(reference, chain: list[str], rd: Path, trainer):
+    """Per-pair policy (this round's start) and reference log-probs, for score-based selectors, computed by the
+    trainer (on its ranks under DeepSpeed). ``scorer.forward_tokens`` counts what it ran, for the ledger."""
+
+    def scorer(pairs: list[Pair]) -> dict[str, list[float]]:
+        pol = trainer.logps(chain[-1], pairs, workdir=rd)
+        scorer.forward_tokens += int(pol.get("forward_tokens", 0))
+
+        def logps_of(d: str) -> dict[str, Any]:
+            if d == chain[-1]:
+                return pol
+            res = trainer.logps(d, pairs, workdir=rd)
+            scorer.forward_tokens += int(res.get("forward_tokens", 0))
+            return res
+
+        ref = reference.logps(chain, logps_of, rd)
+        return {"policy_chosen": pol["chosen"], "policy_rejected": pol["rejected"], "ref_chosen": ref["chosen"],
+                "ref_rejected": ref["rejected"], "chosen_tokens": pol["chosen_tokens"],
+                "rejected_tokens": pol["rejected_tokens"]}
+
+    scorer.forward_tokens = 0  # type: ignore[attr-defined]
+    return scorer
+
+
+def reference_stage(rd: Path, ledger: Ledger, reference, chain: list[str], pairs: list[Pair], trainer,
+                    n_params: int) -> dict[str, list[float]]:
+    """Reference log-probs once per round, computed by the trainer (on its ranks under DeepSpeed) and cached on
+    disk by hash(reference checkpoint, pairs)."""
+    pk = pairs_key(pairs)
+    forward_tokens = 0
+
+    def logps_of(model_dir: str) -> dict[str, list[float]]:
+        nonlocal forward_tokens
+        path = rd / f"ref_logps.{hashlib.sha1((checkpoint_key(model_dir) + pk).encode()).hexdigest()[:16]}.json"
+        if path.exists():
+            res = json.loads(path.read_text())
+        else:
+            res = trainer.logps(model_dir, pairs, workdir=rd)
+            atomic_write_text(path, json.dumps(res))
+        # a cache hit only happens on resume: count it as the uninterrupted run did, so the ledger is the same
+        forward_tokens += int(res.get("forward_tokens", sum(res["chosen_tokens"]) + sum(res["rejected_tokens"])))
+        return res
+
+    t0 = time.time()
+    out = reference.logps(chain, logps_of, rd) if pairs else {"chosen": [], "rejected": []}
+    ledger.record("reference", wall_s=time.time() - t0, forward_tokens=forward_tokens,
+                  flops=2.0 * n_params * forward_tokens, ranks=trainer.world_size())
+    log.info("%s reference: %d pairs, %d tokens in %.1f s", rd.name, len(pairs), forward_tokens, time.time() - t0)
+    return out
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    rows = [("round", "accuracy", "pairs", "selected", "gen tokens", "trained tokens", "FLOPs", "wall s")]
+    if "base" in summary:
+        b = summary["base"]
+        rows.append(("base", f"{b['accuracy']:.3f} ± {b['se']:.3f}", "", "", "", "", "", ""))
+    for r in summary["rounds"]:
+        e, lg = r["eval"], r["ledger"]
+        rows.append((str(r["round"]), f"{e['accuracy']:.3f} ± {e['se']:.3f}", str(r["pairs"]), str(r["selected"]),
+                     str(lg["generated_tokens"]), str(lg["trained_tokens"]), f"{lg['flops']:.3g}",
+                     f"{lg['wall_s']:.1f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
