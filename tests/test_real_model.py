@@ -59,6 +59,16 @@ def test_generation_stops_at_im_end_when_eos_is_endoftext(tiny_dir, tmp_path):
     assert all(s.tokens < 96 for s in outs)
 
 
+def test_training_closes_responses_with_the_end_of_turn_token_not_eos(tiny_dir, tmp_path):
+    """DPO/SFT must teach the token generation stops at: <|im_end|>, even when eos_token is <|endoftext|>."""
+    from alignlab.train.batching import encode
+
+    d = _eos_is_endoftext(tiny_dir, tmp_path / "m")
+    tok = load_tokenizer(d)
+    e = encode(tok, "<|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n", "The answer is \\boxed{2}.")
+    assert e.ids[-1] == tok.convert_tokens_to_ids("<|im_end|>") != tok.eos_token_id
+
+
 def test_finished_stats():
     s = lambda f: Sample(text="", tokens=3, logprob_sum=0.0, entropy=0.0, finished=f)  # noqa: E731
     assert finished_stats([s(True), s(True), s(False), s(True)], 512) == {"finished_rate": 0.75, "max_new_tokens": 512}

@@ -7,6 +7,7 @@ end-of-turn token that closes them). Shared by SFT, the DPO trainers, scoring an
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -18,10 +19,20 @@ class Encoded:
     prompt_len: int
 
 
+@lru_cache(maxsize=16)
+def response_end_id(tokenizer) -> int:
+    """The token that closes a response: the chat template's end of turn (``<|im_end|>``) where it has one, so
+    training teaches the token generation stops at even when ``eos_token`` is another (``<|endoftext|>``)."""
+    from alignlab.generation import end_of_turn_ids
+
+    eot = end_of_turn_ids(tokenizer)
+    return min(eot) if eot else tokenizer.eos_token_id
+
+
 def encode(tokenizer, prompt: str, response: str, max_len: int = 1024) -> Encoded:
-    """Prompt text (already chat-rendered) + response + eos; truncated from the response end."""
+    """Prompt text (already chat-rendered) + response + end of turn; truncated from the response end."""
     p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [response_end_id(tokenizer)]
     ids = (p + r)[:max_len]
     return Encoded(ids, min(len(p), max_len))
 
