@@ -148,6 +148,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "datasets", "DeepSpeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # A run owns its W&B service: attached to a parent's (inherited WANDB_SERVICE), a killed run's stream stays
+    # open there and its resumption is refused with "run ID ... is in use".
+    os.environ.pop("WANDB_SERVICE", None)
     sub = sys.argv[1] if len(sys.argv) > 1 else ""
     if sub == "report":
         from alignlab.report import main as report_main
