@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -201,18 +200,17 @@ def _weight_files(key: str, d: Path) -> list[Path]:
 def _safetensors_shapes(key: str, f: Path) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape from a safetensors header; the file must be as long as its header says."""
     fix = "the file is damaged: download or save the weights again"
+    from alignlab.models import safetensors_header
+
     size = f.stat().st_size
     try:
-        with open(f, "rb") as fh:
-            raw = fh.read(8)
-            n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
-            if n <= 0 or n > min(size - 8, 100 << 20):
-                raise bad_path(key, f, "is not a safetensors file (bad header length)", fix)
-            header = json.loads(fh.read(n))
+        n, header = safetensors_header(f)
     except OSError as e:
         raise bad_path(key, f, f"cannot be read ({e.strerror})", fix) from None
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise bad_path(key, f, "is not a safetensors file (header is not JSON)", fix) from None
+    except ValueError:  # the length prefix (JSON errors, also ValueErrors, are caught above)
+        raise bad_path(key, f, "is not a safetensors file (bad header length)", fix) from None
     if not isinstance(header, dict):
         raise bad_path(key, f, "is not a safetensors file (header is not an object)", fix)
     out, end = {}, 0

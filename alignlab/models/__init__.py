@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -144,16 +145,29 @@ def checkpoint_params(path: str | Path) -> int:
     """Parameter count from the checkpoint's safetensors headers (tensor shapes), without loading any weight:
     the runner needs it for the ledger and must not hold a model the trainer holds. Tied weights are stored
     once, so this equals ``count_params`` of the loaded model."""
-    import json
     import math
-    import struct
 
     from alignlab.losses.reference import safetensors_files
 
     total = 0
     for f in sorted(set(safetensors_files(resolve_path(str(path))).values())):
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
+        _, header = safetensors_header(f)
         total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
     return total
+
+
+def safetensors_header(f: str | Path, max_len: int = 100 << 20) -> tuple[int, Any]:
+    """(header length, parsed JSON header) of a safetensors file, read without touching any tensor.
+
+    Raises ``ValueError("bad header length")`` when the 8-byte length is missing, zero, longer than the file or
+    than ``max_len``; json/unicode decode errors and OSError pass through for the caller to name."""
+    import json
+    import struct
+
+    size = Path(f).stat().st_size
+    with open(f, "rb") as fh:
+        raw = fh.read(8)
+        n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+        if n <= 0 or n > min(size - 8, max_len):
+            raise ValueError("bad header length")
+        return n, json.loads(fh.read(n))
