@@ -22,9 +22,23 @@ def _finite(x: float) -> float:
     return x if math.isfinite(x) else 0.0
 
 
+def new_axes(title: str, xlabel: str, ylabel: str, height: float = 4.5) -> tuple[Any, Any]:
+    """One titled, labelled, gridded axes on its own Agg figure (no pyplot state), 7 inches wide."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, height), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    return fig, ax
+
+
 def write_plots(stats: Sequence[ConfigStats], out: Path) -> list[str]:
     """PNG plots (Agg, no pyplot state): learning curves, compute frontiers, and sweeps over keep ratio / N."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     if not stats:
@@ -36,14 +50,7 @@ def write_plots(stats: Sequence[ConfigStats], out: Path) -> list[str]:
     written: list[str] = []
 
     def new(title: str, xlabel: str, ylabel: str = "accuracy") -> tuple[Figure, Any]:
-        fig = Figure(figsize=(7, 4.5), dpi=100)
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot(1, 1, 1)
-        ax.set_title(title)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        return fig, ax
+        return new_axes(title, xlabel, ylabel)
 
     def save(fig: Figure, ax: Any, name: str, legend: bool = True) -> None:
         entries = len(ax.get_legend_handles_labels()[0])

@@ -120,17 +120,12 @@ def plots(configs: dict[str, list[dict]], out: Path, prefix: str) -> list[str]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from alignlab.report.plots import new_axes
+
     written = []
 
     def fig_ax(title, xlabel, ylabel):
-        fig = Figure(figsize=(7, 4.2), dpi=100)
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot(1, 1, 1)
-        ax.set_title(title)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        return fig, ax
+        return new_axes(title, xlabel, ylabel, height=4.2)
 
     for key, label in (("grad_var_micro", "gradient variance across micro-batches"), ("grad_norm", "gradient norm")):
         fig, ax = fig_ax(f"{label} per optimiser step (mean over seeds; rounds concatenated)", "step", label)
