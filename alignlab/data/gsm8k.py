@@ -12,12 +12,12 @@ reasoning steps (1..8+), which gives ``by_difficulty`` in evaluation and SAGE's 
 from __future__ import annotations
 
 import logging
-import random
 from pathlib import Path
 
 from alignlab.checks import read_rows
 from alignlab.config import ConfigError
 from alignlab.data.benchmarks import MalformedRow, json_row
+from alignlab.data.files import shard
 from alignlab.records import Problem
 
 log = logging.getLogger("alignlab")
@@ -102,12 +102,7 @@ class GSM8KDataset:
 
     def train(self, round_index: int) -> list[Problem]:
         """Round k (1-based): the next n-prompt slice of a seeded order; a new order once fewer than n are left."""
-        rows = self._all()
-        n = min(self.train_prompts, len(rows))
-        epoch, slot = divmod(round_index - 1, len(rows) // n)
-        order = list(range(len(rows)))
-        random.Random(f"gsm8k:{self.seed}:{epoch}").shuffle(order)
-        return [rows[i] for i in order[slot * n: (slot + 1) * n]]
+        return shard(self._all(), self.train_prompts, round_index, f"gsm8k:{self.seed}")
 
     def _shared_test(self) -> Path | None:
         """GSM8K test of the shared layout, when ``path`` is that layout's train file."""
