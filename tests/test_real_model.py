@@ -215,8 +215,14 @@ def test_smollm2_conversion_round_and_eval(smollm2_dir, tmp_path):
     assert pairs[0]["prompt"].startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
 
     # eval of the round's checkpoint with no generation overrides: the model config's limit, not the embedded 96
+    # (one GSM8K row in its upstream schema, so the test does not need ../shared/data beside the clone)
+    bench = tmp_path / "bench"
+    (bench / "gsm8k").mkdir(parents=True)
+    (bench / "gsm8k" / "test.jsonl").write_text(json.dumps(
+        {"question": "Tom has 3 apples and buys 4 more. How many apples does he have?",
+         "answer": "Tom has 3 + 4 = <<3+4=7>>7 apples.\n#### 7"}) + "\n")
     alignlab("eval", f"model={ckpt}", "eval=math_suite", "eval.benchmarks=[gsm8k]", "eval.limit=1",
-             f"hydra.run.dir={tmp_path / 'ev'}", timeout=900, env={"OMP_NUM_THREADS": "1"})  # 2 cores may be shared
+             f"eval.root={bench}", f"hydra.run.dir={tmp_path / 'ev'}", timeout=900, env={"OMP_NUM_THREADS": "1"})  # 2 cores may be shared
     gsm = json.loads((tmp_path / "ev" / "eval.json").read_text())["gsm8k"]
     assert gsm["max_new_tokens"] == 512 and gsm["n"] == 1 and gsm["finished_rate"] in (0.0, 1.0)
 
