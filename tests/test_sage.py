@@ -15,8 +15,8 @@ from alignlab.losses import DPOLoss
 from alignlab.models import ModelSpec, load_tokenizer
 from alignlab.records import Pair, read_jsonl
 from alignlab.runner import build_components
-from alignlab.select.curriculum import Curriculum, quotas, top_k
-from alignlab.select.random import RandomSelector
+from alignlab.select.curriculum import Curriculum, KeepSchedule, quotas, top_k
+from alignlab.select.random import RandomSelector, RandomStepFilter
 from alignlab.select.sage import (
     SageSelector,
     SageStepFilter,
@@ -107,13 +107,13 @@ def test_keep_ratio_keeps_exactly_ceil_gamma_n(gamma):
         want = math.ceil(round(gamma * n, 9))
         assert len(_sel(keep_ratio=gamma).select(pairs, seed=1, scorer=_scorer(lp))) == want
         assert len(_sel(keep_ratio=gamma, curriculum=Curriculum()).select(pairs, 1, _scorer(lp))) == want
-        assert len(RandomSelector(gamma).select(pairs, seed=1)) == want
+        assert len(RandomSelector(gamma, mode="fixed").select(pairs, seed=1)) == want
     assert keep_count(0.6, 5) == 3 and keep_count(0.2, 20) == 4
 
 
 def test_random_selector_is_seeded():
     pairs, _ = _pairs([(f"x{i}", 0.0, 0.5) for i in range(40)])
-    ids = lambda s: [x.pair.problem_id for x in RandomSelector(0.5).select(pairs, seed=s)]  # noqa: E731
+    ids = lambda s: [x.pair.problem_id for x in RandomSelector(0.5, mode="fixed").select(pairs, seed=s)]  # noqa: E731
     assert ids(3) == ids(3) and ids(3) != ids(4)
 
 
@@ -271,7 +271,8 @@ def test_sage_configs_compose_and_give_the_trainer_its_callbacks(overrides, tiny
     comps = build_components(cfg, _choices(cfg))
     cbs = comps["selector"].callbacks()
     step = isinstance(comps["selector"], SageSelector) and comps["selector"].granularity == "step"
-    assert [type(c) for c in cbs] == ([SageStepFilter] if step else [])
+    per_step_random = isinstance(comps["selector"], RandomSelector) and comps["selector"].mode == "step"
+    assert [type(c) for c in cbs] == ([SageStepFilter] if step else [RandomStepFilter] if per_step_random else [])
     # the SAGE study presets ask for gradient statistics; ZeRO-3 has none to give (warned, not an error)
     assert comps["trainer"].grad_stats == (overrides[0].startswith("experiment=sage") and "trainer=" not in str(overrides))
     if step:
@@ -290,64 +291,175 @@ def test_bad_sage_values_fail_before_work_naming_the_argument(override, message,
 
 
 class _MovingPolicy:
-    """Per-token log-probs of a 4-pair pool whose margins move between checkpoints (time ``t``): pair 0 holds a steady
-    error, pair 1 is an error that was a success one checkpoint ago, pair 2 sits on the boundary, pair 3 is solved."""
+    """Per-token log-probs of a pool whose margins move between checkpoints (time ``t``), ``MARGINS[i][t]``."""
 
-    MARGINS = {0: [-1.0, -1.0], 1: [2.0, -1.2], 2: [0.0, 0.0], 3: [3.0, 3.0]}  # margin mu at t = 0, 1
+    # pair 0: a confident error, steady; 1: an error that was a success one checkpoint ago (sign change);
+    # 2: oscillates around 0; 3: a milder error, steady; 4: solved, steady
+    MARGINS = {0: [-1.0, -1.0], 1: [2.0, -1.2], 2: [0.3, -0.3], 3: [-0.5, -0.5], 4: [3.0, 3.0]}
 
-    def __init__(self) -> None:
-        self.t, self.calls = 0, 0
+    def __init__(self, margins: dict[int, list[float]] | None = None) -> None:
+        self.t, self.calls, self.margins = 0, 0, margins or self.MARGINS
 
     def __call__(self, idx):
         self.calls += 1
         # length-normalised features with beta=0.1, length_scale=32: mu = 3.2 * (chosen log-ratio - rejected's)
-        return [(torch.tensor([self.MARGINS[i][self.t] / 3.2]), torch.tensor([0.0])) for i in idx]
+        return [(torch.tensor([self.margins[i][min(self.t, len(self.margins[i]) - 1)] / 3.2]), torch.tensor([0.0]))
+                for i in idx]
 
 
-def _moving_state(tmp_path, policy):
+def _moving_state(tmp_path, policy, n=None, rates=None):
     from alignlab.train.batching import Encoded
     from alignlab.train.callbacks import TrainState
 
-    pairs = [Pair(f"p{i}", "q", "a", "b") for i in range(4)]
+    n = len(policy.margins) if n is None else n
+    pairs = [Pair(f"p{i}", "q", "a", "b", meta={} if rates is None else {"pass_rate": rates[i]}) for i in range(n)]
     enc = [(Encoded([1, 2], [False, True]), Encoded([1, 3], [False, True])) for _ in pairs]
-    return TrainState(pairs=pairs, enc=enc, ref_logps={"chosen": [0.0] * 4, "rejected": [0.0] * 4},
+    return TrainState(pairs=pairs, enc=enc, ref_logps={"chosen": [0.0] * n, "rejected": [0.0] * n},
                       round_dir=tmp_path, seed=0, batch_size=2, epochs=1, token_logps=policy,
                       grad_vector=lambda: torch.zeros(1))
 
 
-def _one_filtered_step(tmp_path, **kw):
-    policy = _MovingPolicy()
-    sel = SageSelector(keep_ratio=0.5, granularity="step", curriculum=None, snapshot_every=1, stability_window=2, **kw)
+def _one_filtered_step(tmp_path, margins=None, keep_ratio=0.4, **kw):
+    policy = _MovingPolicy(margins)
+    sel = SageSelector(keep_ratio=keep_ratio, granularity="step", curriculum=None, snapshot_every=1,
+                       stability_window=2, **kw)
     f, state = SageStepFilter(sel), _moving_state(tmp_path, policy)
     f.on_train_begin(state)  # records the margins at t = 0
     policy.t, state.step = 1, 1
     f.on_step_begin(state)  # records them again at t = 1
-    kept = f.on_batch(state, [0, 1, 2, 3])
+    kept = f.on_batch(state, list(range(len(policy.margins))))
     return kept, f.on_train_end(state, []), f, policy
 
 
-def test_checkpoint_stability_reorders_pairs_whose_margin_swings_and_measures_how_much(tmp_path):
+def test_checkpoint_stability_filters_sign_changes_and_boundary_oscillation_keeps_steady_errors(tmp_path):
     kept, out, f, policy = _one_filtered_step(tmp_path)
-    mu = np.array([-1.0, -1.2, 0.0, 3.0])
-    newton = newton_score(mu, 0, 1e-3)  # ranks by the current margin alone: the two errors first
-    assert sorted(np.argsort(-newton)[:2].tolist()) == [0, 1]
-    # pair 1's margin varied across the checkpoints (2.0, -1.2, -1.2): 4x the batch's mean variance, so its decrement
-    # is divided by 5 and the boundary pair 2 takes its place; the steady error 0 stays
-    v = np.var([[-1.0, -1.0, -1.0], [2.0, -1.2, -1.2], [0.0, 0.0, 0.0], [3.0, 3.0, 3.0]], axis=1)
-    assert v[1] / v.mean() == pytest.approx(4.0)
-    stable = checkpoint_stable_score(mu, v, 1e-3)
-    np.testing.assert_allclose(stable, newton / np.array([1.0, 5.0, 1.0, 1.0]))
-    assert kept == sorted(np.argsort(-stable)[:2].tolist()) == [0, 2]
-    assert out["kept_differ_from_newton"] == 0.5 and out["spearman_stable_newton"] == pytest.approx(0.4)
-    assert out["score_forward_tokens"] == 3 * 4 * 4  # two pool records + the candidate batch, 4 tokens per pair
+    mu = np.array([-1.0, -1.2, -0.3, -0.5, 3.0])
+    newton = newton_score(mu, 0, 1e-3)  # ranks by the current margin alone: the swinging error 1 first
+    assert np.argsort(-newton).tolist() == [1, 0, 3, 2, 4]
+    hist = np.array([[-1.0, 2.0, 0.3, -0.5, 3.0], [-1.0, -1.2, -0.3, -0.5, 3.0], mu])  # t = 0, t = 1, now
+    m, v = hist.mean(axis=0), hist.var(axis=0)
+    rho = (m**2 + 1e-12) / (m**2 + 1e-12 + v)  # the squared-SNR weight, by hand
+    stable = checkpoint_stable_score(mu, hist, 1e-3)
+    np.testing.assert_allclose(stable, newton * rho, rtol=1e-12)
+    np.testing.assert_allclose(rho[[0, 3, 4]], 1.0)  # steady margins keep newton's score exactly
+    order = np.argsort(-stable).tolist()
+    # the steady errors lead; the pair oscillating around 0 and the one that changed sign fall behind them;
+    # the steadily solved pair stays in the bottom two
+    assert order[:2] == [0, 3] and set(order[2:]) == {1, 2, 4} and order.index(4) >= 3
+    # keep 2 of 5: newton keeps {1, 0}; the stable score swaps the sign-changing error for the steady milder one
+    assert kept == [0, 3]
+    assert out["kept_differ_from_newton"] == 0.5 and out["kept_differ_pairs"] == 1
+    assert out["removed_unstable"] == 1 and out["removed_sign_change"] == 1 and out["removed_near_zero"] == 1
+    from alignlab.select.sage import spearman
+    assert out["spearman_stable_newton"] == pytest.approx(spearman(stable, newton))
+    assert out["spearman_score_neg_abs_z"] == pytest.approx(spearman(stable, -np.abs(mu)))
+    assert out["score_forward_tokens"] == 3 * 5 * 4  # two pool records + the candidate batch, 4 tokens per pair
     assert policy.calls == 3 and out["mean_s2"] == pytest.approx(float(np.mean(v)))
     rows = read_jsonl(tmp_path / "sage_candidates.jsonl")  # the logged candidate pool
-    assert [r["kept"] for r in rows] == [True, False, True, False] and rows[1]["s2"] == pytest.approx(v[1])
+    assert [r["kept"] for r in rows] == [True, False, False, True, False] and rows[1]["s2"] == pytest.approx(v[1])
     # no stability weight, or the old token-level term with nothing moving: exactly newton's choice
     for kw in ({"stability_weight": 0.0}, {"stability": "token"}):
         kept, out, _, _ = _one_filtered_step(tmp_path, **kw)
-        assert kept == [0, 1] and out["kept_differ_from_newton"] == 0 and out["spearman_stable_newton"] == 1.0
+        assert kept == [0, 1] and out["kept_differ_from_newton"] == 0 and out["spearman_stable_newton"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="stability"):
         SageSelector(stability="dropout")
     with pytest.raises(ValueError, match="snapshot_every"):
         SageSelector(snapshot_every=0)
+    with pytest.raises(ValueError, match="stability_eps"):
+        SageSelector(stability_eps=0)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 50.0])
+def test_checkpoint_stability_equals_newton_when_no_margin_varies_at_any_scale(scale):
+    """Scale-aware, not normalised by the batch: variances ~0 leave newton's ranking, however small they all are."""
+    rng = np.random.default_rng(1)
+    mu = rng.normal(0, 2, 40) * scale
+    mu[0] = 0.0  # a steady pair on the boundary keeps newton's rank too
+    tiny = rng.uniform(0, 1e-9, (3, 40)) * scale  # every margin wobbles by ~1e-9 of its scale
+    hist = np.vstack([mu + tiny, mu[None, :]])
+    newton = newton_score(mu, 0, 1e-3)
+    assert np.argsort(-checkpoint_stable_score(mu, hist, 1e-3), kind="stable").tolist() == \
+        np.argsort(-newton, kind="stable").tolist()
+    # the factor is a function of the SNR alone: the same histories at 1000x the scale get the same weights
+    from alignlab.select.sage import margin_stability
+    wobble = np.array([[1.0, -1.0, 2.0], [1.2, 1.0, 2.0], [0.8, -0.9, 2.0]])
+    np.testing.assert_allclose(margin_stability(wobble * 1e-3, eps=1e-12), margin_stability(wobble * 1e3, eps=1e-12),
+                               rtol=1e-6)
+
+
+def test_the_all_zero_start_of_a_previous_round_reference_is_not_a_record(tmp_path):
+    """With reference = previous round every margin is 0 at the start: that record is dropped (but charged), so a
+    pair that moved since the start is not called unstable for having moved."""
+    margins = {0: [0.0, -1.0], 1: [0.0, -0.8], 2: [0.0, 0.5], 3: [0.0, 2.0]}
+    kept, out, f, policy = _one_filtered_step(tmp_path, margins, keep_ratio=0.5)
+    assert len(f.snapshots) == 1  # the t = 1 record only
+    assert kept == [0, 1] and out["kept_differ_from_newton"] == 0 and out["mean_rho"] == 1.0
+    assert out["score_forward_tokens"] == 3 * 4 * 4  # the dropped record's pass is still in the ledger
+
+
+def _epoch_of_batches(tmp_path, sel, rates, draws, margins=None):
+    """Run a SageStepFilter over one epoch of candidate batches of the given sizes (a static policy)."""
+    n = sum(draws)
+    policy = _MovingPolicy(margins or {i: [float(np.sin(i))] for i in range(n)})
+    state = _moving_state(tmp_path, policy, n=n, rates=rates)
+    f = sel.callbacks()[0]
+    f.on_train_begin(state)
+    kept, start = [], 0
+    for step, d in enumerate(draws):
+        state.step = step
+        f.on_step_begin(state)
+        kept += f.on_batch(state, list(range(start, start + d)))
+        start += d
+    f.on_train_end(state, [])
+    return kept
+
+
+@pytest.mark.parametrize("gamma,batch", [(0.6, 4), (0.4, 4), (0.5, 3), (0.7, 2), (0.3, 16)])
+def test_step_keep_ratio_is_gamma_within_one_pair_per_epoch(tmp_path, gamma, batch):
+    draw = SageStepFilter(SageSelector(keep_ratio=gamma)).draw_size(batch)
+    draws = [draw] * 17 + [max(1, draw // 2)]  # a short last batch, as an epoch ends
+    for sel in (SageSelector(keep_ratio=gamma, granularity="step", curriculum=None, stability="token"),
+                RandomSelector(gamma)):
+        kept = _epoch_of_batches(tmp_path, sel, None, draws)
+        assert abs(len(kept) - gamma * sum(draws)) <= 1, (type(sel).__name__, len(kept), gamma * sum(draws))
+        assert len(set(kept)) == len(kept)
+    # the per-batch rounding this replaces: ceil(0.6 * 6) = 4 of every 6 is a realised ratio of 0.67
+    assert keep_count(0.6, 6) / 6 > 0.66
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_curriculum_shares_hold_over_the_epoch_within_one_pair_per_bucket(tmp_path, stage):
+    """Stage shares applied over the epoch, not rounded away per batch: with 4 kept per batch, stage 1's 0.1 hard
+    share would round to 0 in every batch."""
+    rates = [0.875, 0.5, 0.125] * 40  # each candidate batch of 8 holds >= 2 of every bucket
+    cur = Curriculum(advance_by="pool", advance_at=[0.0, 0.0][:stage] + [1.0, 1.0][stage:])
+    sel = SageSelector(keep_ratio=0.5, granularity="step", curriculum=cur, stability="token")
+    kept = _epoch_of_batches(tmp_path, sel, rates, [8] * 15)
+    assert len(kept) == 60
+    shares = dict(zip(("easy", "medium", "hard"), Curriculum().stages[stage]))
+    got = {b: sum(cur.bucket(rates[i]) == b for i in kept) for b in shares}
+    for b, p in shares.items():
+        assert abs(got[b] - p * len(kept)) <= 1, (b, got, shares)
+    # and the schedule itself, batch by batch: never more than one pair from the share of the kept so far
+    sched = KeepSchedule(0.5, shares)
+    for _ in range(50):
+        batch = ["easy", "medium", "hard"] * 3
+        k, want = sched.plan(batch)
+        sched.commit(len(batch), [b for b in want for _ in range(want[b])])
+        assert all(abs(sched.took.get(b, 0) - p * sched.kept) < 1 for b, p in shares.items())
+
+
+def test_random_step_mode_redraws_every_step_and_epoch_with_sages_draw_and_count(tmp_path):
+    sel = RandomSelector(0.5)
+    assert sel.mode == "step" and len(sel.select(_pairs()[0], seed=0)) == len(KINDS)  # the pool goes to the filter
+    f = sel.callbacks()[0]
+    assert f.draw_size(4) == SageStepFilter(SageSelector(keep_ratio=0.5)).draw_size(4) == 8
+    kept = _epoch_of_batches(tmp_path, RandomSelector(0.5), None, [8] * 10)
+    again = _epoch_of_batches(tmp_path, RandomSelector(0.5), None, [8] * 10)
+    assert kept == again and len(kept) == 40  # seeded
+    per_batch = [sorted(i % 8 for i in kept if lo <= i < lo + 8) for lo in range(0, 80, 8)]
+    assert len({tuple(b) for b in per_batch}) > 3  # a fresh uniform choice in each batch, not one fixed pattern
+    fixed = RandomSelector(0.5, mode="fixed")
+    assert fixed.callbacks() == [] and len(fixed.select(_pairs()[0], seed=0)) == 3
+    with pytest.raises(ValueError, match="mode"):
+        RandomSelector(0.5, mode="pool")

@@ -131,20 +131,80 @@ def quotas(k: int, available: dict[str, int], props: dict[str, float]) -> dict[s
 
 
 def top_k(scores: np.ndarray, k: int, rng: np.random.Generator, buckets: Sequence[str] | None = None,
-          props: dict[str, float] | None = None) -> list[int]:
-    """Indices of the ``k`` highest scores (ties broken by ``rng``), spread over buckets by ``props`` if given."""
+          props: dict[str, float] | None = None, want: dict[str, int] | None = None) -> list[int]:
+    """Indices of the ``k`` highest scores (ties broken by ``rng``), spread over buckets by ``props`` if given, or
+    by exact per-bucket counts ``want`` (a :class:`KeepSchedule`'s quotas, carried over the epoch)."""
     scores = np.asarray(scores, dtype=float)
     order = np.lexsort((rng.random(len(scores)), -scores))  # best first; random among equal scores
-    if buckets is None or props is None:
+    if buckets is None or (props is None and want is None):
         return sorted(order[:k].tolist())
-    avail: dict[str, int] = {}
-    for b in buckets:
-        avail[b] = avail.get(b, 0) + 1
-    want = quotas(k, avail, props)
+    if want is None:
+        avail: dict[str, int] = {}
+        for b in buckets:
+            avail[b] = avail.get(b, 0) + 1
+        want = quotas(k, avail, props or {})
+    want = dict(want)
     kept = []
     for i in order:
         b = buckets[i]
-        if want[b] > 0:
+        if want.get(b, 0) > 0:
             kept.append(int(i))
             want[b] -= 1
     return sorted(kept)
+
+
+def exact_count(keep_ratio: float, candidates: int) -> int:
+    """round(keep_ratio * candidates), halves up, robust to float error: the kept total a schedule aims at."""
+    return math.floor(keep_ratio * candidates + 0.5 + 1e-9)
+
+
+class KeepSchedule:
+    """How many of each candidate batch to keep, and from which bucket, so that over an epoch the kept total is
+    round(keep_ratio * candidates) and each bucket's kept count is within one pair of its stage share.
+
+    Rounding per batch loses the remainder every time: with 6 candidates at keep_ratio 0.6 a batch keeps 4
+    (ceil 3.6), a realised ratio of 0.67; with 4 kept per batch, shares 0.5/0.4/0.1 round to 2/2/0 and the 10 %
+    bucket is never served. Here the remainders are carried: batch t keeps round(gamma * C_t) - K_{t-1} pairs
+    (C, K: candidates seen and pairs kept so far this epoch), and each kept slot goes to the bucket furthest below
+    its share of the kept total so far (a deterministic quota schedule, largest deficit first). A bucket missing
+    from a batch keeps its deficit for the next batch that has it. ``reset`` at each epoch start.
+    """
+
+    def __init__(self, keep_ratio: float, props: dict[str, float] | None = None) -> None:
+        if not 0 < keep_ratio <= 1:
+            raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+        self.keep_ratio, self.props = float(keep_ratio), dict(props) if props else None
+        self.reset()
+
+    def reset(self) -> None:
+        self.candidates, self.kept = 0, 0
+        self.took: dict[str, int] = {}
+
+    def plan(self, buckets: Sequence[str]) -> tuple[int, dict[str, int] | None]:
+        """(pairs to keep of this batch, per-bucket counts or None without shares); changes nothing (``commit``)."""
+        n = len(buckets)
+        k = min(n, max(0, exact_count(self.keep_ratio, self.candidates + n) - self.kept))
+        if self.props is None:
+            return k, None
+        avail: dict[str, int] = {}
+        for b in buckets:
+            avail[b] = avail.get(b, 0) + 1
+        want = {b: 0 for b in avail}
+        order = {b: i for i, b in enumerate(BUCKETS)}
+        for j in range(k):
+            total = self.kept + j + 1
+            open_ = [b for b in avail if self.props.get(b, 0) > 0 and want[b] < avail[b]]
+            if open_:
+                b = max(open_, key=lambda b: (self.props[b] * total - self.took.get(b, 0) - want[b],
+                                              self.props[b], -order.get(b, len(order))))
+            else:  # every bucket with a share is used up: zero-share buckets (and unknown), fullest first
+                b = max((b for b in avail if want[b] < avail[b]), key=lambda b: (avail[b] - want[b], b))
+            want[b] += 1
+        return k, want
+
+    def commit(self, n_candidates: int, kept_buckets: Sequence[str]) -> None:
+        """Record a batch: its candidate count and the buckets of the pairs kept from it."""
+        self.candidates += n_candidates
+        self.kept += len(kept_buckets)
+        for b in kept_buckets:
+            self.took[b] = self.took.get(b, 0) + 1

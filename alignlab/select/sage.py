@@ -3,10 +3,11 @@ Preferences Are Created Equal: Stability-Aware and Gradient-Efficient Alignment 
 
 Each pair gets a forward-pass score from its DPO margin z = beta * h (h = chosen minus rejected
 log-ratio, summed or length-normalised) and, for the stability-aware form, from how uncertain that
-margin is. Hard filtering keeps the top ceil(keep_ratio * n) pairs, over the round's pool
-(``granularity=pool``, informative when the reference is fixed) or per optimiser step over an
-over-sampled candidate batch scored with the *current* policy (``granularity=step``; needed with
-reference=previous_round, where every margin is 0 when the round starts).
+margin is. Hard filtering keeps the top ceil(keep_ratio * n) pairs of the round's pool (``granularity=pool``, informative
+when the reference is fixed), or, per optimiser step, the top pairs of an over-sampled candidate batch scored with
+the *current* policy (``granularity=step``; needed with reference=previous_round, where every margin is 0 when the
+round starts). Per step, a :class:`~alignlab.select.curriculum.KeepSchedule` carries the rounding over the epoch:
+round(keep_ratio * candidates) pairs kept per epoch, each curriculum bucket within one pair of its stage share.
 
 Score forms (g = sigmoid(-z) is the gradient signal, c = sigmoid(z) sigmoid(-z) the curvature):
 
@@ -16,12 +17,14 @@ Score forms (g = sigmoid(-z) is the gradient signal, c = sigmoid(z) sigmoid(-z) 
                - ``token``: s^2 is the token-level variance of the margin (per-token log-ratio against the round's
                  start). Measured inert on the embedded task: ``stable`` ranked as ``newton``. Any variance fed into
                  this Gaussian form is: at z = 0 its value does not depend on s^2, and in-round margins stay near 0.
-               - ``checkpoints`` (default, step granularity): v = the variance of the pair's margin across recent
-                 checkpoints of the round (the whole pool's margins are recorded every ``snapshot_every`` optimiser
-                 steps and at the start; v is over the last ``stability_window`` records plus the current margin),
-                 and the score filters unstable pairs directly: newton / (1 + stability_weight * v / mean(v)), the
-                 mean over the candidate batch (scale-free: margins move by a few hundredths within a round here).
-                 Costs one scoring pass over the pool per record (in the ledger as scoring tokens); any trainer.
+               - ``checkpoints`` (default, step granularity): the pool's margins are recorded every ``snapshot_every``
+                 optimiser steps and at the start (an all-zero record, the start under reference=previous_round, is
+                 not kept); over the last ``stability_window`` records plus the current margin each pair has a mean m
+                 and variance v, and the score is newton(z) * rho, rho = (m^2 + eps^2) / (m^2 + eps^2 + w * v): the
+                 squared signal-to-noise ratio of the margin as a weight in [0, 1]. It filters pairs whose margin sits
+                 near 0 or changes sign across the records and leaves steady margins (rho = 1) at newton's rank, so
+                 with no variance anywhere the ranking is newton's (``checkpoint_stable_score`` says why). Costs one
+                 scoring pass over the pool per record (in the ledger as scoring tokens); any trainer.
 * ``signal``   g only (ablation: no curvature, no stability).
 * ``boundary`` c only (ablation: prefer pairs nearest the decision boundary, the opposite bet).
 
@@ -41,7 +44,7 @@ import numpy as np
 import torch
 
 from alignlab.records import Pair, Selected, write_jsonl
-from alignlab.select.curriculum import Curriculum, top_k
+from alignlab.select.curriculum import Curriculum, KeepSchedule, top_k
 from alignlab.train.callbacks import TrainerCallback, TrainState
 
 log = logging.getLogger("alignlab")
@@ -55,6 +58,12 @@ MARGIN_EDGES = [float(x) for x in np.arange(-8.0, 8.01, 0.5)]  # histogram bins 
 def keep_count(keep_ratio: float, n: int) -> int:
     """ceil(keep_ratio * n), robust to float error (0.6 * 5 is 3.0000000000000004, not 4)."""
     return min(n, math.ceil(keep_ratio * n - 1e-9))
+
+
+def candidate_draw(batch_size: int, keep_ratio: float) -> int:
+    """Candidates a per-step filter draws for a micro-batch of ``batch_size``: floor(batch_size / keep_ratio), so the
+    kept pairs (round(keep_ratio * candidates) per epoch, :class:`KeepSchedule`) fill about one micro-batch."""
+    return max(batch_size, math.floor(batch_size / keep_ratio + 1e-9))
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -73,12 +82,36 @@ def stable_score(mu: np.ndarray, s2: np.ndarray, lam: float, curvature: bool = T
     return eg**2 / (ec * curvature + np.maximum(eg2 - eg**2, 0.0) + lam)
 
 
-def checkpoint_stable_score(mu: np.ndarray, v: np.ndarray, lam: float, curvature: bool = True,
-                            weight: float = 1.0) -> np.ndarray:
-    """Newton decrement divided by 1 + weight * (the margin's variance across checkpoints / its batch mean)."""
-    v = np.asarray(v, dtype=float)
-    rel = v / v.mean() if v.size and v.mean() > 0 else np.zeros_like(v)
-    return newton_score(mu, v, lam, curvature) / (1.0 + weight * rel)
+def margin_stability(history: np.ndarray, eps: float = 1e-6, weight: float = 1.0) -> np.ndarray:
+    """Per pair, the share of its margin's second moment that its mean explains: m^2 / (m^2 + weight * v) over the
+    recorded margins (rows: records, columns: pairs), with ``eps`` (a margin too small to tell from 0, in z
+    units) added to m^2 so a margin that has not moved at all scores 1. Equal to snr^2 / (snr^2 + 1) with
+    snr = |mean z| / sd z: 1 for a steady margin whatever its size, near 0 for a margin that sits near 0 or
+    changes sign across the records. Dimensionless, so it is the same for margins of 0.01 and of 10."""
+    h = np.atleast_2d(np.asarray(history, dtype=float))
+    m2, v = h.mean(axis=0) ** 2 + eps**2, h.var(axis=0)
+    return m2 / (m2 + weight * v)
+
+
+def checkpoint_stable_score(mu: np.ndarray, history: np.ndarray, lam: float, curvature: bool = True,
+                            weight: float = 1.0, eps: float = 1e-6) -> np.ndarray:
+    """SAGE's stability-aware score: the Newton decrement of the current margin times the margin's stability
+    over recent checkpoints, ``newton(mu) * rho``, rho = (m^2 + eps^2) / (m^2 + eps^2 + weight * v) from the
+    records ``history`` (records x pairs; m, v: each pair's mean and variance over them).
+
+    Why this form (SAGE, "Not All Preferences Are Created Equal: Stability-Aware and Gradient-Efficient Alignment
+    for Reasoning Models", arXiv 2602.01207): the abstract says the score "prioritizes informative, confident errors
+    while filtering out unstable samples" to raise the signal-to-noise ratio of the updates. The Newton decrement
+    g^2 / (c + lam) ranks confident errors (z << 0) first and solved pairs (z >> 0) last, but it is a function of
+    the current margin alone. rho is the squared SNR of the margin, snr^2 / (snr^2 + 1/weight): a pair whose
+    margin sits near 0 or flips sign between checkpoints (the "uncertain decision boundary" of the abstract) has
+    snr near 0 and is filtered; a steady margin has rho = 1 and keeps its decrement. Being a ratio of the margin's
+    own moments it is scale-aware without a batch normaliser: when no pair's margin varies, every rho is 1 and the
+    ranking is exactly newton's (an earlier form divided v by its batch mean, which reordered pairs however small
+    the variances were). ``weight`` = 0 gives newton.
+    """
+    rho = margin_stability(history, eps, weight)
+    return newton_score(mu, np.zeros(np.shape(mu)), lam, curvature) * rho
 
 
 def signal_score(mu: np.ndarray, s2: np.ndarray, lam: float, curvature: bool = True) -> np.ndarray:
@@ -90,6 +123,9 @@ def boundary_score(mu: np.ndarray, s2: np.ndarray, lam: float, curvature: bool =
 
 
 STABILITY = ("checkpoints", "token")
+ZERO_MARGIN = 1e-9  # a pool record whose every |margin| is below this is the all-zero start (policy = reference)
+STABILITY_LOG = ("spearman_stable_newton", "spearman_score_neg_abs_z", "kept_differ_from_newton", "kept_differ_pairs",
+                 "removed_unstable", "removed_sign_change", "removed_near_zero", "mean_s2", "mean_rho")
 SCORES: dict[str, Callable[..., np.ndarray]] = {"newton": newton_score, "stable": stable_score,
                                                 "signal": signal_score, "boundary": boundary_score}
 
@@ -106,7 +142,8 @@ class SageSelector:
     def __init__(self, keep_ratio: float = 0.5, score: str = "stable", granularity: str = "step", beta: float = 0.1,
                  lam: float = 1e-3, length_normalized: bool = True, length_scale: float = 32.0,
                  stability_weight: float = 1.0, curvature: bool = True, curriculum: Curriculum | None = None,
-                 stability: str = "checkpoints", snapshot_every: int = 4, stability_window: int = 3) -> None:
+                 stability: str = "checkpoints", snapshot_every: int = 4, stability_window: int = 3,
+                 stability_eps: float = 1e-6) -> None:
         if not 0 < keep_ratio <= 1:
             raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
         if score not in SCORES:
@@ -124,6 +161,8 @@ class SageSelector:
         for k, v in {"snapshot_every": snapshot_every, "stability_window": stability_window}.items():
             if int(v) < 1:
                 raise ValueError(f"{k} must be >= 1, got {v}")
+        if not stability_eps > 0:
+            raise ValueError(f"stability_eps must be > 0, got {stability_eps}")
         if lam == 0 and not curvature and score in ("newton", "stable"):
             raise ValueError("lam must be > 0 when curvature=false (the score would divide by zero)")
         self.keep_ratio, self.score_name, self.granularity = float(keep_ratio), score, granularity
@@ -133,6 +172,7 @@ class SageSelector:
         self.curriculum = curriculum
         self.stability, self.snapshot_every, self.stability_window = stability, int(snapshot_every), \
             int(stability_window)
+        self.stability_eps = float(stability_eps)
         self.round_info: dict | None = None  # set by the runner before each round (observe_round)
 
     def observe_round(self, round_index: int, pass_rates: Sequence[float]) -> None:
@@ -274,7 +314,7 @@ class SageStepFilter(TrainerCallback):
         self.sel = selector
 
     def draw_size(self, batch_size: int) -> int:
-        return max(batch_size, math.floor(batch_size / self.sel.keep_ratio + 1e-9))
+        return candidate_draw(batch_size, self.sel.keep_ratio)
 
     def on_train_begin(self, state: TrainState) -> None:
         enc = state.enc
@@ -284,9 +324,15 @@ class SageStepFilter(TrainerCallback):
         self.start = state.token_logps(list(range(len(enc)))) if self.sel.uses_token_stats else None
         self.score_tokens = sum(len(c.ids) + len(r.ids) for c, r in enc) if self.start is not None else 0
         self.snapshots: list[np.ndarray] = []  # the pool's margins at recent checkpoints (stability=checkpoints)
-        if self.sel.uses_checkpoints:
+        self.recording = self.sel.uses_checkpoints
+        if self.recording:
             self._snapshot(state)
-        self.log: dict[str, list] = {"mu": [], "score": [], "kept_mu": [], "kept_score": [], "newton": [], "s2": []}
+        props = self.sel.curriculum.proportions(self.plan["stage"]) \
+            if self.sel.curriculum is not None and self.plan["stage"] is not None and self.plan["buckets"] else None
+        self.schedule, self.schedule_epoch = KeepSchedule(self.sel.keep_ratio, props), 0
+        self.removed = {"unstable": 0, "sign_change": 0, "near_zero": 0}
+        self.log: dict[str, list] = {"mu": [], "score": [], "kept_mu": [], "kept_score": [], "newton": [], "s2": [],
+                                     "rho": []}
         self.differ = 0  # kept pairs that the newton score (same batch, same buckets) would not have kept
         self.kept_rows: list[dict[str, Any]] = []
         self.cand_rows: list[dict[str, Any]] = []  # every scored candidate: the logged pool of the stability study
@@ -301,14 +347,20 @@ class SageStepFilter(TrainerCallback):
         return self.sel.features(pc, pr, self.ref_c[idx], self.ref_r[idx], nc, nr)[0]
 
     def _snapshot(self, state: TrainState) -> None:
-        """Record every pool pair's margin under the current policy (one scoring pass, charged to the ledger)."""
+        """Record every pool pair's margin under the current policy (one scoring pass, charged to the ledger).
+
+        A record where every margin is 0 is the round's start under reference=previous_round (policy = reference):
+        it says nothing about any pair's stability, and kept in the window it would make the variance measure how
+        far a margin has moved since the start (penalising the pairs just trained on), so it is not kept."""
         idx = list(range(len(state.enc)))
-        self.snapshots = [*self.snapshots[-(self.sel.stability_window - 1):], self._margins(state.token_logps(idx), idx)] \
-            if self.sel.stability_window > 1 else [self._margins(state.token_logps(idx), idx)]
+        margins = self._margins(state.token_logps(idx), idx)
         self.score_tokens += sum(len(c.ids) + len(r.ids) for c, r in state.enc)
+        if np.all(np.abs(margins) < ZERO_MARGIN):
+            return
+        self.snapshots = [*self.snapshots, margins][-self.sel.stability_window:]
 
     def on_step_begin(self, state: TrainState) -> None:
-        if self.sel.uses_checkpoints and state.step > 0 and state.step % self.sel.snapshot_every == 0:
+        if self.recording and state.step > 0 and state.step % self.sel.snapshot_every == 0:
             self._snapshot(state)
 
     def on_batch(self, state: TrainState, idx: list[int]) -> list[int]:
@@ -323,17 +375,29 @@ class SageStepFilter(TrainerCallback):
             var_c = np.array([_var(c - self.start[i][0]) for (c, _), i in zip(pol, idx)])
             var_r = np.array([_var(r - self.start[i][1]) for (_, r), i in zip(pol, idx)])
         mu, s2 = self.sel.features(pc, pr, self.ref_c[idx], self.ref_r[idx], nc, nr, var_c, var_r)
-        if self.snapshots:  # variance of each margin over the recent checkpoints and now
-            s2 = np.stack([snap[idx] for snap in self.snapshots] + [mu]).var(axis=0)
-            scores = checkpoint_stable_score(mu, s2, self.sel.lam, self.sel.curvature, self.sel.stability_weight)
-        else:
-            scores = self.sel.score(mu, s2)
-        buckets = [self.plan["buckets"][i] for i in idx] if self.plan["buckets"] else None
         newton = newton_score(mu, s2, self.sel.lam, self.sel.curvature)
-        # the counterfactual newton choice breaks ties with the same random draws (a copy of the filter's RNG)
-        kept_newton = self.sel.keep(newton, buckets, self.plan["stage"], copy.deepcopy(self.rng))
-        kept = self.sel.keep(scores, buckets, self.plan["stage"], self.rng)
+        history = np.stack([snap[idx] for snap in self.snapshots] + [mu]) if self.recording else mu[None, :]
+        if self.recording:  # the margins at the recent checkpoints (not the all-zero start) and now
+            s2 = history.var(axis=0)
+            rho = margin_stability(history, self.sel.stability_eps, self.sel.stability_weight)
+            scores = checkpoint_stable_score(mu, history, self.sel.lam, self.sel.curvature, self.sel.stability_weight,
+                                             self.sel.stability_eps)
+        else:
+            scores, rho = self.sel.score(mu, s2), np.ones_like(mu)
+        buckets = [self.plan["buckets"][i] for i in idx] if self.plan["buckets"] else None
+        if state.epoch != self.schedule_epoch:  # the keep ratio and the stage shares hold per epoch
+            self.schedule.reset()
+            self.schedule_epoch = state.epoch
+        k, want = self.schedule.plan(buckets or ["all"] * len(idx))
+        # the counterfactual newton choice: same batch, same quotas, ties broken by the same random draws
+        kept_newton = top_k(newton, k, copy.deepcopy(self.rng), buckets, want=want)
+        kept = top_k(scores, k, self.rng, buckets, want=want)
+        self.schedule.commit(len(idx), [buckets[j] for j in kept] if buckets else ["all"] * len(kept))
+        dropped = sorted(set(kept_newton) - set(kept))  # newton's picks the stability factor pushed out
         self.differ += len(set(kept) - set(kept_newton))
+        self.removed["unstable"] += len(dropped)
+        self.removed["sign_change"] += sum(bool(history[:, j].min() < 0 < history[:, j].max()) for j in dropped)
+        self.removed["near_zero"] += sum(bool(abs(history[:, j].mean()) < history[:, j].std()) for j in dropped)
         self.score_tokens += sum(len(enc[i][0].ids) + len(enc[i][1].ids) for i in idx)
         self.step_cands += len(idx)
         self.step_kept += len(kept)
@@ -351,9 +415,11 @@ class SageStepFilter(TrainerCallback):
         self.log["kept_score"] += scores[kept].tolist()
         self.log["newton"] += newton.tolist()
         self.log["s2"] += np.broadcast_to(s2, mu.shape).tolist()
+        self.log["rho"] += rho.tolist()
         keep_set = set(kept)
         self.cand_rows += [{"step": state.step, "pair": int(i), "z": float(mu[j]), "s2": float(np.broadcast_to(s2, mu.shape)[j]),
-                            "score": float(scores[j]), "newton": float(newton[j]), "kept": j in keep_set,
+                            "score": float(scores[j]), "newton": float(newton[j]), "rho": float(rho[j]),
+                            "kept": j in keep_set,
                             "bucket": buckets[j] if buckets else None} for j, i in enumerate(idx)]
         return [idx[j] for j in kept]
 
@@ -384,9 +450,16 @@ class SageStepFilter(TrainerCallback):
                # does the stability term act? rank agreement with newton over the round's candidates, and the share
                # of kept pairs newton would not have kept
                "spearman_stable_newton": spearman(self.log["score"], self.log["newton"]),
+               # ... and is it just a preference for the boundary? rank agreement with -|z|
+               "spearman_score_neg_abs_z": spearman(self.log["score"], -np.abs(np.asarray(self.log["mu"]))),
                "kept_differ_from_newton": self.differ / n_kept if n_kept else 0.0,
-               "mean_s2": float(np.mean(self.log["s2"])) if self.log["s2"] else 0.0}
-        state.log.update({k: out[k] for k in ("spearman_stable_newton", "kept_differ_from_newton", "mean_s2")})
+               # why they differ: newton's picks dropped for instability, those whose margin changed sign across the
+               # window, those whose |mean margin| < its sd
+               "kept_differ_pairs": self.differ, "removed_unstable": self.removed["unstable"],
+               "removed_sign_change": self.removed["sign_change"], "removed_near_zero": self.removed["near_zero"],
+               "mean_s2": float(np.mean(self.log["s2"])) if self.log["s2"] else 0.0,
+               "mean_rho": float(np.mean(self.log["rho"])) if self.log["rho"] else 1.0}
+        state.log.update({k: out[k] for k in STABILITY_LOG})
         if self.plan["stage"] is not None:  # the curriculum's decision, into the round's train.json / metrics.json
             out.update(curriculum_stage=self.plan["stage"] + 1, curriculum_competence=self.plan["competence"])
         return out
