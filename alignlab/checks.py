@@ -21,6 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from alignlab.config import ConfigError
+from alignlab.runlock import probe
 
 log = logging.getLogger("alignlab")
 
@@ -405,4 +406,6 @@ def _check_composed(full: DictConfig, overrides: list[str], groups: Sequence[str
     run_dir = Path(str(full.hydra.run.dir))
     if not explicit and run_dir.exists():
         return  # Hydra's timestamped dir exists already (same second): the job checks where it resumes itself
-    check_run_dir(cfg, resolve_out_dir(cfg, str(run_dir), explicit=explicit), explicit)
+    out = resolve_out_dir(cfg, str(run_dir), explicit=explicit)
+    check_run_dir(cfg, out, explicit)
+    probe(out, force=cfg.resume == "force")  # another live writer: refused before Hydra writes its log there

@@ -46,6 +46,7 @@ def _run(cfg) -> None:
     from alignlab import config as C
     from alignlab import runner
     from alignlab.checks import check_run_dir
+    from alignlab.preempt import EXIT_PREEMPTED, Preempted
 
     hc = HydraConfig.get()
     choices = C.choices_of(hc)
@@ -61,8 +62,13 @@ def _run(cfg) -> None:
         out = runner.resolve_out_dir(cfg, hc.runtime.output_dir, explicit=explicit)
         check_run_dir(cfg, out, explicit or bool(cfg.out_dir))
         runner.run(cfg, out, choices)
-    except C.ConfigError as e:
+    except C.ConfigError as e:  # RunLocked too: another live process writes this run dir
         config_error_exit(e)
+    except Preempted as e:
+        log.error("preempted: %s; every finished stage is kept; rerun the same command (resume=true) to continue "
+                  "(exit code %d)", e, EXIT_PREEMPTED)
+        logging.shutdown()
+        sys.exit(EXIT_PREEMPTED)
 
 
 def _eval(cfg) -> None:
@@ -119,9 +125,12 @@ def model_dir_override(arg: str) -> str:
 
 def config_error_exit(err: Exception | str) -> NoReturn:
     """Bad input ends the program with one line and exit code 2 (a traceback only with HYDRA_FULL_ERROR=1)."""
+    from alignlab.runlock import RunLocked
+
     if os.environ.get("HYDRA_FULL_ERROR") == "1" and isinstance(err, Exception):
         raise err
-    log.error("config error: %s", " ".join(str(err).splitlines()))
+    kind = "run locked" if isinstance(err, RunLocked) else "config error"
+    log.error("%s: %s", kind, " ".join(str(err).splitlines()))
     sys.exit(2)
 
 

@@ -21,6 +21,8 @@ from hydra.utils import get_class, instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from alignlab.spec import register
+
 GROUPS = ("model", "data", "generation", "sampler", "verifier", "pair_builder", "selector", "loss", "reference",
           "trainer", "eval", "logger")
 
@@ -118,9 +120,11 @@ def validate_node(group: str, node: DictConfig, choices: dict[str, str]) -> None
 
 
 def build(group: str, node: DictConfig, choices: dict[str, str], **kwargs: Any) -> Any:
-    """Instantiate a group's component, turning constructor ValueErrors into named config errors."""
+    """Instantiate a group's component, turning constructor ValueErrors into named config errors. The node is
+    remembered with the object (:func:`alignlab.spec.register`): it is how the component crosses to other
+    processes (the DeepSpeed ranks rebuild it from that config, never from a pickle)."""
     try:
-        return instantiate(node, **kwargs)
+        obj = instantiate(node, **kwargs)
     except Exception as e:  # noqa: BLE001
         cause = e
         while getattr(cause, "__cause__", None) is not None and not isinstance(cause, (ValueError, TypeError)):
@@ -129,6 +133,10 @@ def build(group: str, node: DictConfig, choices: dict[str, str], **kwargs: Any) 
         if not msg.startswith((f"{group}.", f"{group}:")):  # input checks name their full key (data.path: ...)
             msg = f"{group}: {msg}"
         raise ConfigError(f"{msg}{_where(group, choices)}") from None
+    conf = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else None
+    if not kwargs and isinstance(conf, dict) and not any(k.startswith("_") and k != "_target_" for k in conf):
+        register(obj, conf)
+    return obj
 
 
 def validate_top(cfg: DictConfig) -> None:

@@ -16,9 +16,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from alignlab import config as C
+from alignlab import preempt
 from alignlab.checks import check_inputs
 from alignlab.models import ModelSpec, checkpoint_params, load_tokenizer
 from alignlab.records import RESUMED_IN, atomic_write_text
+from alignlab.runlock import RunLock
 from alignlab.stages import ROUND_STAGES, MeteredGenerator, Round, Run, format_table, json_stage
 
 log = logging.getLogger("alignlab")
@@ -58,13 +60,20 @@ def resolve_out_dir(cfg: DictConfig, hydra_out: str | None, explicit: bool = Fal
 
 
 def run(cfg: DictConfig, out_dir: Path, choices: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run (or resume) an experiment in ``out_dir``; returns the summary dict (also summary.json)."""
+    """Run (or resume) an experiment in ``out_dir``; returns the summary dict (also summary.json).
+
+    The run holds ``out_dir``'s lock (:class:`alignlab.runlock.RunLock`; a second writer raises ``RunLocked``) and
+    handles SIGTERM/SIGUSR1 by stopping at a safe point (raises :class:`alignlab.preempt.Preempted`)."""
     comps = build_components(cfg, choices or {})
     if cfg.threads:
         import torch
 
         torch.set_num_threads(cfg.threads)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(out_dir, force=cfg.resume == "force"), preempt.handled():
+        return _run_locked(cfg, out_dir, comps)
+
+
+def _run_locked(cfg: DictConfig, out_dir: Path, comps: dict[str, Any]) -> dict[str, Any]:
     logger = comps["logger"]
     logger.start(out_dir, OmegaConf.to_container(cfg, resolve=True), name=f"{cfg.experiment_name}-s{cfg.seed}")
     try:
@@ -97,6 +106,7 @@ def rounds(run: Run) -> dict[str, Any]:
     for k in range(1, cfg.rounds + 1):
         rnd = Round(run, k, start_dir)
         for stage in ROUND_STAGES:
+            preempt.check()  # a signal that arrived while a stage waited for its ranks stops here
             stage(rnd)
         summary["rounds"].append(rnd.entry)
         start_dir = str(rnd.ckpt)

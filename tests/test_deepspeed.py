@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+from alignlab import config as C
 from alignlab.config import ConfigError
 from alignlab.data.arith import generate, solution
 from alignlab.losses import DPOLoss
@@ -35,7 +37,9 @@ pytestmark = pytest.mark.slow
 SETTINGS = {"lr": 1e-3, "epochs": 2, "max_length": 160, "warmup_ratio": 0.25, "weight_decay": 0.01}
 MICRO, RANKS, ACCUM, SEED = 2, 2, 3, 11
 LOSS = DPOLoss(beta=0.1, label_smoothing=0.1)
-SAGE = SageSelector(keep_ratio=0.5, granularity="step", curriculum=None)
+# built from config, as the runner builds it: the ranks rebuild its step filter from that config (alignlab.spec)
+SAGE = C.build("selector", OmegaConf.create({"_target_": f"{SageSelector.__module__}.SageSelector", "keep_ratio": 0.5,
+                                             "granularity": "step", "curriculum": None}), {})
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +208,6 @@ def test_config_group_builds_and_fills_auto_values():
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from alignlab import config as C
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
@@ -316,7 +319,6 @@ def test_every_trainer_gets_the_same_batches_schedule_and_loss_averaging_from_a_
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from alignlab import config as C
 
     knobs = ("batch_size", "grad_accum", "epochs", "lr", "warmup_ratio", "weight_decay", "max_grad_norm",
              "max_length")

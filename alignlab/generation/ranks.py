@@ -15,7 +15,6 @@ import hashlib
 import inspect
 import json
 import os
-import pickle
 import shutil
 import sys
 import traceback
@@ -25,6 +24,7 @@ from typing import Any
 
 from alignlab.generation import Generator, Sample
 from alignlab.records import atomic_write_text
+from alignlab.spec import from_spec, packages_of, round_trip
 
 MODULE = "alignlab.generation.ranks"
 
@@ -69,12 +69,11 @@ class RankGenerator:
         shutil.rmtree(work, ignore_errors=True)  # left by a killed run: shards are cheap to redo
         work.mkdir(parents=True)
         self.inner.release()  # the runner holds no weights; the ranks load them
-        tmp = work / "generator.pkl.tmp"
-        tmp.write_bytes(pickle.dumps(self.inner))
-        tmp.replace(work / "generator.pkl")
+        # the generator travels as its config (a JSON spec the ranks rebuild it from: alignlab.spec), never a pickle
+        job["generator"] = round_trip(self.inner, "generation")
         atomic_write_text(work / "prompts.json", json.dumps(prompts))
         atomic_write_text(work / "job.json", json.dumps(job))
-        self.trainer.run_on_ranks(MODULE, work)
+        self.trainer.run_on_ranks(MODULE, work, packages=packages_of(job["generator"]))
         out: list[list[Sample] | None] = [None] * len(prompts)
         for r in range(self.ranks):
             for i, samples in json.loads((work / f"shard{r}.json").read_text()).items():
@@ -101,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         job = json.loads((work / "job.json").read_text())
         if job.get("threads"):
             torch.set_num_threads(int(job["threads"]))
-        gen = pickle.loads((work / "generator.pkl").read_bytes())
+        gen = from_spec(job["generator"], f"{work / 'job.json'}: generator")
         if torch.cuda.is_available() and hasattr(gen, "device"):
             gen.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         prompts = json.loads((work / "prompts.json").read_text())

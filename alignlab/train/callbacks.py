@@ -14,7 +14,7 @@ same batch plan and call the same events, so a callback written once works on bo
 
 ``state.token_logps(idx)`` gives per-token response log-probs of pairs under the *current* policy, computed where
 the weights live (sharded over the ranks and gathered), so a filter sees the same values on every rank and keeps
-the same pairs. Only rank 0 should write files (``state.rank == 0``). Callbacks are pickled to the ranks, so they
+the same pairs. Only rank 0 should write files (``state.rank == 0``). Callbacks reach the ranks as JSON specs (alignlab.spec), so they
 hold settings, not models.
 """
 

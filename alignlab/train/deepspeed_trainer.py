@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import shutil
 import signal
 import subprocess
@@ -30,6 +29,7 @@ from typing import Any
 from alignlab.checks import read_hostfile, read_json_object, require_nvme_dir
 from alignlab.logging import RankBars, progress
 from alignlab.records import Pair, atomic_write_text
+from alignlab.spec import PACKAGES_ENV, packages_of, round_trip
 from alignlab.train import NonFiniteLossError, TrainResult
 
 log = logging.getLogger("alignlab")
@@ -200,14 +200,15 @@ class DeepSpeedTrainer:
     # -- the Trainer protocol ------------------------------------------------------------------------------
     def train(self, policy_dir: str | Path, pairs: list[Pair], ref_logps: dict[str, list[float]], loss,
               out_dir: str | Path, seed: int, logger=None, callbacks: list | None = None) -> TrainResult:
-        """The train stage on the ranks; ``callbacks`` (alignlab.train.callbacks) are pickled to them."""
+        """The train stage on the ranks. The loss and ``callbacks`` (alignlab.train.callbacks) reach them as JSON
+        specs in ``job.json`` (:mod:`alignlab.spec`), from which each rank rebuilds them; no pickles."""
         out = Path(out_dir).resolve()
         work = out.with_name(out.name + ".ds")
         job = self._job("train", policy_dir, out, seed)
-        cb_bytes = pickle.dumps(list(callbacks or []))
-        fingerprint = _fingerprint(job, pairs, ref_logps, loss, cb_bytes)
-        self._prepare(work, job, fingerprint, pairs, ref_logps, loss)
-        (work / "callbacks.pkl").write_bytes(cb_bytes)
+        job["loss"] = round_trip(loss, "loss")
+        job["callbacks"] = [round_trip(c, f"callbacks[{i}]") for i, c in enumerate(callbacks or [])]
+        fingerprint = _fingerprint(job, pairs, ref_logps)
+        self._prepare(work, job, fingerprint, pairs, ref_logps)
         seen = 0
 
         def on_progress() -> None:
@@ -221,7 +222,7 @@ class DeepSpeedTrainer:
 
         bar = progress(desc=f"train ({self.world_size()} ranks)", unit="step")
         try:
-            self._launch(work, on_progress)
+            self._launch(work, on_progress, packages=packages_of(job))
             on_progress()
         finally:
             bar.close()
@@ -265,10 +266,11 @@ class DeepSpeedTrainer:
 
         return RankGenerator(gen, self, Path(workdir)) if shardable(gen) else gen
 
-    def run_on_ranks(self, module: str, work: Path, on_progress=lambda: None) -> None:
+    def run_on_ranks(self, module: str, work: Path, on_progress=lambda: None, packages: list[str] | None = None) -> None:
         """Start ``python -m <module> <work>`` on every rank with this trainer's launcher (torchrun or the DeepSpeed
-        hostfile launcher), wait, and raise the first rank's error. Generation shards its prompts this way."""
-        self._launch(work, on_progress, module)
+        hostfile launcher), wait, and raise the first rank's error. Generation shards its prompts this way.
+        ``packages``: where the job's component specs live (the ranks import classes from these only)."""
+        self._launch(work, on_progress, module, packages=packages)
 
     # -- internals -----------------------------------------------------------------------------------------
     def _job(self, mode: str, policy_dir: str | Path, out: Path, seed: int) -> dict[str, Any]:
@@ -289,7 +291,7 @@ class DeepSpeedTrainer:
         return max(1, cores // self.world_size())
 
     def _prepare(self, work: Path, job: dict[str, Any], fingerprint: str, pairs: list[Pair],
-                 ref_logps: dict[str, list[float]], loss) -> None:
+                 ref_logps: dict[str, list[float]]) -> None:
         """Reuse ``work`` (and its DeepSpeed checkpoint) only if it was written for this very job."""
         meta = work / "job.json"
         if meta.exists():
@@ -311,14 +313,15 @@ class DeepSpeedTrainer:
         _write_pairs(work / "pairs.jsonl", pairs)
         atomic_write_text(work / "ref_logps.json", json.dumps({"chosen": list(ref_logps["chosen"]),
                                                                 "rejected": list(ref_logps["rejected"])}))
-        (work / "loss.pkl").write_bytes(pickle.dumps(loss))
         atomic_write_text(meta, json.dumps({**job, "fingerprint": fingerprint}, indent=1))
 
-    def _launch(self, work: Path, on_progress, module: str = "alignlab.train.ds_worker") -> None:
+    def _launch(self, work: Path, on_progress, module: str = "alignlab.train.ds_worker",
+                packages: list[str] | None = None) -> None:
         cmd = self.launch_command(work, module)
         import socket
 
         env = {**os.environ, "OMP_NUM_THREADS": str(self._threads()), "TOKENIZERS_PARALLELISM": "false",
+               PACKAGES_ENV: ",".join(packages or []),
                "ALIGNLAB_RUNNER_PID": str(os.getpid()), "ALIGNLAB_RUNNER_HOST": socket.gethostname(),
                "PYTHONPATH": os.pathsep.join([str(PACKAGE_PARENT), *filter(None, [os.environ.get("PYTHONPATH")])])}
         log.info("trainer: launching %d rank(s): %s", self.world_size(), " ".join(cmd))
@@ -410,14 +413,12 @@ def _pairs_hash(pairs: list[Pair]) -> str:
     return h.hexdigest()
 
 
-def _fingerprint(job: dict[str, Any], pairs: list[Pair], ref_logps: dict[str, list[float]], loss,
-                 callbacks: bytes = b"") -> str:
-    """Identity of a training job: a DeepSpeed checkpoint is resumed only by the job that wrote it."""
+def _fingerprint(job: dict[str, Any], pairs: list[Pair], ref_logps: dict[str, list[float]]) -> str:
+    """Identity of a training job (its loss and callbacks specs included): a DeepSpeed checkpoint is resumed only
+    by the job that wrote it."""
     h = hashlib.sha1(json.dumps({k: v for k, v in job.items() if k != "threads"}, sort_keys=True).encode())
-    h.update(callbacks)
     h.update(_pairs_hash(pairs).encode())
     h.update(json.dumps([ref_logps["chosen"], ref_logps["rejected"]]).encode())
-    h.update(repr(loss).encode())
     d = Path(job["policy_dir"])
     for f in sorted(d.glob("*")):  # the starting checkpoint: names, sizes, mtimes
         if f.is_file():

@@ -1,7 +1,8 @@
 """One DeepSpeed rank: ``python -m torch.distributed.run --nproc_per_node=R -m alignlab.train.ds_worker <workdir>``.
 
 Launched by :class:`alignlab.train.deepspeed_trainer.DeepSpeedTrainer`, which writes ``<workdir>/job.json``
-(settings and the resolved DeepSpeed config), ``pairs.jsonl``, ``ref_logps.json`` and ``loss.pkl``. Every rank
+(settings, the resolved DeepSpeed config, and the loss and callbacks as JSON specs: :mod:`alignlab.spec`),
+``pairs.jsonl`` and ``ref_logps.json``. Nothing crossing to the ranks is a pickle. Every rank
 builds the same batch plan as ``TorchTrainer`` (same seed, same ``length_buckets``) and takes a strided shard of
 each global micro-batch, so per-step losses match the single-process reference. Rank 0 appends each step to
 ``history.jsonl`` and writes ``result.json`` (or ``error.json``); a DeepSpeed checkpoint in ``ds_ckpt/`` every
@@ -14,7 +15,6 @@ import ctypes
 import json
 import math
 import os
-import pickle
 import shutil
 import signal
 import sys
@@ -29,6 +29,7 @@ from alignlab._compat import skip_cpu_shm_allreduce, zero3_full_state_dict
 from alignlab.losses import PairLogps
 from alignlab.models import load_tokenizer, resolve_path
 from alignlab.records import Pair, atomic_write_text
+from alignlab.spec import from_spec
 from alignlab.train import NonFiniteLossError
 from alignlab.train.batching import collate, token_logps, token_logps_of
 from alignlab.train.callbacks import CallbackList, GradStats, TrainState, write_step_log
@@ -154,8 +155,9 @@ def run_train(work: Path, job: dict[str, Any]) -> None:
     tok = load_tokenizer(job["policy_dir"])
     pairs = read_pairs(work / "pairs.jsonl")
     ref = json.loads((work / "ref_logps.json").read_text())
-    loss = pickle.loads((work / "loss.pkl").read_bytes())
-    callbacks = pickle.loads((work / "callbacks.pkl").read_bytes()) if (work / "callbacks.pkl").exists() else []
+    # rebuilt from their JSON specs (trusted packages only, alignlab.spec); a *.pkl in the work dir is never read
+    loss = from_spec(job["loss"], f"{work / 'job.json'}: loss")
+    callbacks = from_spec(job.get("callbacks", []), f"{work / 'job.json'}: callbacks")
     enc = encode_pairs(tok, pairs, job["max_length"])
     micro, ga = job["micro_batch_size"], job["grad_accum"]
     keys = metric_keys(loss)
