@@ -377,7 +377,7 @@ CORRUPT = {  # dir name -> (summary.json bytes, expected status, words of the ex
     "binary": (bytes(range(256)), "unreadable", "summary.json unreadable"),
     "list": (b"[1, 2]", "malformed", "not an object (a list)"),
     "base_number": (b'{"base": 5, "rounds": []}', "malformed", "base is not an object"),
-    "no_base": (b'{"rounds": []}', "malformed", "no base.accuracy"),
+    "no_base": (b'{"rounds": []}', "incomplete", "0/3 rounds"),  # base_eval=false: no base, not malformed
     "rounds_string": (b'{"base": {"accuracy": 0.2}, "rounds": "x"}', "malformed", "rounds is not a list (a str)"),
     "round_number": (b'{"base": {"accuracy": 0.2}, "rounds": [7]}', "malformed", "rounds[0] is not an object"),
     "eval_list": (b'{"base": {"accuracy": 0.2}, "rounds": [{"round": 1, "eval": []}]}', "malformed",
@@ -490,22 +490,26 @@ def test_committed_study_report_is_reproduced(csv_path: Path, tmp_path: Path) ->
 
 
 def test_bootstrap_resamples_problems_where_evals_record_verdicts(tmp_path: Path) -> None:
-    """Each seed of `sage` solves the baseline's problems plus 20 more of 200: every seed differs by exactly +0.1,
-    so the t interval over seeds has zero width, while resampling problems shows the eval set's own noise,
-    about ±1.96·sqrt(0.1·0.9/600). `random` has one eval on other prompts: it can only resample seeds."""
+    """Every seed is evaluated on the same 200 problems, and each seed of `sage` solves the baseline's problems plus
+    the same 20 more: every seed differs by exactly +0.1, so the t interval over seeds has zero width, while
+    resampling problems shows the eval set's own noise. Problems are shared across seeds (crossed), so the seeds add
+    no independent problem draws: about ±1.96·sqrt(0.1·0.9/200), not the ±1.96·sqrt(0.1·0.9/600) that drawing
+    problems anew within each seed (nested) gives. `random` has one eval on other prompts: it resamples seeds only."""
     import random
 
     m, seeds = 200, (0, 1, 2)
     rng = random.Random(0)
     root = tmp_path / "runs"
+    shared = [rng.random() < 0.3 for _ in range(m)]
+    extra = rng.sample([j for j in range(m) if not shared[j]], 20)
     for seed in seeds:
-        base = [rng.random() < 0.3 for _ in range(m)]
+        base = list(shared)
         better = list(base)
-        for j in rng.sample([j for j in range(m) if not base[j]], 20):
+        for j in extra:
             better[j] = True
         for name, correct in (("full", base), ("sage", better), ("random", better)):
             s = _summary(4, 1.0, seed, rounds=1, experiment="cmp")
-            sha = "other" if name == "random" and seed == 1 else f"sha{seed}"
+            sha = "other" if name == "random" and seed == 1 else "sha"
             s["rounds"][0]["eval"] |= {"accuracy": sum(correct) / m, "n": m, "prompts_sha1": sha,
                                        "correct": "".join("1" if c else "0" for c in correct)}
             _write_run(root / f"{name}_{seed}", ["experiment=cmp", f"selector={name}", f"seed={seed}"], s, rounds=1)
@@ -517,7 +521,7 @@ def test_bootstrap_resamples_problems_where_evals_record_verdicts(tmp_path: Path
     assert float(sage["diff_mean"]) == pytest.approx(0.1)
     assert float(sage["ci95_low"]) == pytest.approx(0.1) and float(sage["ci95_high"]) == pytest.approx(0.1)
     assert sage["bootstrap_over"] == "seeds x problems"
-    half = 1.96 * math.sqrt(0.1 * 0.9 / (m * len(seeds)))
+    half = 1.96 * math.sqrt(0.1 * 0.9 / m)
     assert float(sage["boot95_low"]) == pytest.approx(0.1 - half, abs=0.006)
     assert float(sage["boot95_high"]) == pytest.approx(0.1 + half, abs=0.006)
     assert rand["bootstrap_over"] == "seeds" and float(rand["boot95_low"]) == pytest.approx(0.1)
@@ -536,3 +540,119 @@ def test_newer_ledger_fields_get_a_column_only_where_recorded(tmp_path: Path) ->
     cols = list(rows[0])
     assert cols.index("wall_s") + 1 == cols.index("forward_tokens") and "stage_wall_s" not in cols
     assert [r["forward_tokens"] for r in rows] == ["1234", "2468", "3702", "", "", ""]
+
+
+def _crossed_exact(diffs) -> tuple[float, float]:
+    """Brute force: the mean and variance of the replicate mean over every equally likely crossed resample (seed
+    rows drawn with replacement, problem columns drawn with replacement, the same columns for every row)."""
+    import itertools
+
+    import numpy as np
+
+    n, m = diffs.shape
+    vals = [diffs[np.ix_(rows, cols)].mean() for rows in itertools.product(range(n), repeat=n)
+            for cols in itertools.product(range(m), repeat=m)]
+    return float(np.mean(vals)), float(np.var(vals))
+
+
+def test_crossed_bootstrap_matches_brute_force_enumeration() -> None:
+    """Problem 0 is won by every seed, problem 3 lost by every seed: problem effects shared across seeds. The
+    bootstrap's replicate means have the exact crossed distribution's mean and variance (and a nested draw, problems
+    anew within each seed, has a visibly smaller variance); the percentile interval is that of the replicates."""
+    import numpy as np
+
+    from alignlab.report.paired import _bootstrap_problems, crossed_means
+
+    diffs = np.array([[1, 1, 0, -1, 0], [1, 0, 0, -1, 1], [1, 1, 0, -1, 0]], dtype=np.int8)
+    mean, var = _crossed_exact(diffs)
+    reps = crossed_means(diffs, 200_000, seed=3)
+    assert reps.mean() == pytest.approx(mean, abs=0.003)
+    assert reps.var() == pytest.approx(var, rel=0.03)
+    rng = np.random.default_rng(3)  # nested, for contrast
+    nested = [diffs[rng.integers(0, 3, 3)[:, None], rng.integers(0, 5, (3, 5))].mean() for _ in range(20_000)]
+    assert np.var(nested) < 0.75 * var
+    lo, hi = _bootstrap_problems(diffs, 200_000, seed=3)
+    assert (lo, hi) == tuple(np.percentile(reps, [2.5, 97.5]))
+    # the exact distribution's 2.5 / 97.5 % points, from the enumeration's atoms
+    import itertools
+    vals = np.sort([diffs[np.ix_(r, c)].mean() for r in itertools.product(range(3), repeat=3)
+                    for c in itertools.product(range(5), repeat=5)])
+    assert lo == pytest.approx(np.percentile(vals, 2.5), abs=0.02) and hi == pytest.approx(np.percentile(vals, 97.5), abs=0.02)
+
+
+def test_mcnemar_exact_hand_computed() -> None:
+    from alignlab.report.paired import mcnemar_exact
+
+    # b = 8, c = 2: P(X <= 2 | n=10, 1/2) = (1 + 10 + 45) / 1024, two-sided doubles it
+    assert mcnemar_exact(8, 2) == pytest.approx(112 / 1024)
+    assert mcnemar_exact(2, 8) == pytest.approx(112 / 1024)
+    assert mcnemar_exact(10, 0) == pytest.approx(2 / 1024)
+    assert mcnemar_exact(3, 3) == 1.0 and mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(5, 1) == pytest.approx(2 * 7 / 64)  # (1 + 6) / 64, doubled
+    with pytest.raises(ValueError, match="discordant"):
+        mcnemar_exact(-1, 2)
+
+
+def _runner_like(seed: int, selector: str, base_eval: bool, correct: str | None = None, pairs: int = 40) -> dict:
+    """summary.json as the runner writes it under switches that change its fields: base_eval (no ``base``), a
+    per-step selector (train fields of the filter), a round without pairs (train steps 0), verdicts (``correct``)."""
+    s = _summary(4, 1.0, seed, rounds=1, experiment="quickstart")
+    if not base_eval:
+        del s["base"]
+    r = s["rounds"][0]
+    train = {"steps": 0 if pairs == 0 else 5, "trained_tokens": 0 if pairs == 0 else 900,
+             "trained_pairs": 0 if pairs == 0 else 30, "pairs_per_epoch": 0 if pairs == 0 else 15}
+    if selector == "sage":
+        train |= {"candidate_pairs": 60, "kept_pairs": 30, "score_forward_tokens": 1800, "kept_differ_pairs": 3,
+                  "removed_unstable": 3, "spearman_stable_newton": 0.9, "curriculum_stage": 1}
+    r |= {"pairs": pairs, "selected": train["pairs_per_epoch"], "train": train, "chosen_false_positive_rate": None}
+    r["ledger"]["trained_pairs"] = train["trained_pairs"]
+    if correct is not None:
+        r["eval"] |= {"correct": correct, "prompts_sha1": "same", "n": len(correct),
+                      "accuracy": correct.count("1") / len(correct)}
+    s["final_accuracy"] = r["eval"]["accuracy"]
+    return s
+
+
+@pytest.mark.parametrize("base_eval", [False, True])
+def test_report_and_baseline_over_every_kind_of_runner_summary(tmp_path: Path, base_eval: bool) -> None:
+    """The issue's new-user sweep: `alignlab -m experiment=quickstart rounds=1 base_eval=false selector=full,sage
+    seed=0,1`, then `alignlab report <sweep> --baseline selector=full`; plus a run whose round had no pairs."""
+    root = tmp_path / "sweep"
+    for seed in (0, 1):
+        for sel in ("full", "sage", "random"):
+            _write_run(root / f"{sel}_{seed}", ["experiment=quickstart", "rounds=1", f"base_eval={str(base_eval).lower()}",
+                                                "data.train_prompts=128", f"selector={sel}", f"seed={seed}"],
+                       _runner_like(seed, sel, base_eval, pairs=0 if sel == "random" and seed == 1 else 40), rounds=1)
+    out = tmp_path / "out"
+    assert report.main([str(root), "--out", str(out), "--baseline", "selector=full"]) == 0
+    runs = report.load_runs([root])
+    assert [r.status for r in runs] == ["ok"] * 6
+    md = (out / "report.md").read_text()
+    assert "6 runs found, 6 complete" in md and "3 configurations" in md
+    section = md.split("## Paired differences vs baseline `selector=full`")[1].split("\n## ")[0]
+    assert "| `selector=sage` | 0, 1 |" in section and "| `selector=random` | 0, 1 |" in section
+    results = md.split("## Results")[1].split("\n## ")[0]
+    full_row = next(line for line in results.splitlines() if line.startswith("| `selector=full`"))
+    assert (full_row.split("|")[3].strip() == "") != base_eval  # the base column: empty without a base eval
+    with (out / "report.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {r["base_accuracy"] for r in rows} == ({""} if not base_eval else {"0.25", "0.26"})
+
+
+def test_single_seed_mcnemar_in_the_report(tmp_path: Path) -> None:
+    """One seed, two checkpoints on the same 20 problems: b = 6 only the configuration solves, c = 1 only the
+    baseline; p = 2 * (1 + 7) / 128 = 0.125 by hand."""
+    base = "1" * 8 + "0" * 6 + "1" + "0" * 5
+    mine = "1" * 8 + "1" * 6 + "0" + "0" * 5
+    root = tmp_path / "runs"
+    for sel, correct in (("full", base), ("sage", mine)):
+        _write_run(root / sel, ["experiment=quickstart", f"selector={sel}", "seed=0"],
+                   _runner_like(0, sel, False, correct), rounds=1)
+    out = tmp_path / "out"
+    assert report.main([str(root), "--out", str(out), "--baseline", "selector=full"]) == 0
+    md = (out / "report.md").read_text()
+    assert "McNemar" in md and "| 6/1 | 0.125 |" in md
+    with (out / "report.csv").open() as f:
+        row = next(r for r in csv.DictReader(f) if r["run_dir"].endswith("sage"))
+    assert (row["mcnemar_b"], row["mcnemar_c"], float(row["mcnemar_p"])) == ("6", "1", pytest.approx(0.125))

@@ -172,6 +172,7 @@ def summary_problem(summary: Any) -> tuple[str, str] | None:
     """(status, reason) when a parsed summary.json cannot be averaged in, else None.
 
     Checked field by field, so a partial or hand-edited summary names what is wrong instead of crashing the report.
+    Optional parts are not problems: a run made with ``base_eval=false`` has no ``base`` (a missing base column).
     """
     if not isinstance(summary, dict):
         return "malformed", f"summary.json is not an object (a {type(summary).__name__})"
@@ -181,8 +182,6 @@ def summary_problem(summary: Any) -> tuple[str, str] | None:
         return "failed", f"status={summary.get('status')}" + (f": {err}" if err else "")
     if "base" in summary and not isinstance(summary["base"], dict):
         return "malformed", "summary.json: base is not an object"
-    if math.isnan(num(as_dict(summary.get("base")).get("accuracy"))):
-        return "malformed", "summary.json has no base.accuracy"
     rounds = summary.get("rounds", [])
     if not isinstance(rounds, list):
         return "malformed", f"summary.json: rounds is not a list (a {type(rounds).__name__})"

@@ -3,9 +3,16 @@
 Seed s of two configurations shares the data order, the initial model and the held-out set, so the per-seed
 difference d_s = acc(config, s) − acc(baseline, s) removes what the seeds have in common. Over the n shared seeds
 the report gives mean(d), a t-based 95 % interval mean ± t(0.975, n−1)·sd(d)/√n, and optionally a paired
-percentile bootstrap. Where every paired eval records its per-problem verdicts (``eval.correct``, same problems in
-the same order: equal length and ``prompts_sha1``), the bootstrap resamples seeds and, within each drawn seed, the
-held-out problems, the same problems for both arms; otherwise it resamples seeds only. ``bootstrap_over`` says which.
+percentile bootstrap; the t interval is the primary figure. Where every paired eval records its per-problem verdicts
+(``eval.correct``, same problems in the same order: equal length and ``prompts_sha1``), the bootstrap resamples
+seeds and problems as the crossed factors they are: every seed is evaluated on the same held-out problems, so one
+replicate draws n seeds and m problem indices independently and uses the same problem indices for every drawn seed
+and both arms (drawing problems anew within each seed would treat them as nested and understate the problem-level
+variance by about the seed count). Otherwise it resamples seeds only. ``bootstrap_over`` says which.
+
+With one shared seed there is no spread over seeds; where both evals record verdicts, McNemar's exact test compares
+the two checkpoints on the same problems: b = problems only the configuration solves, c = only the baseline, two-sided
+p = min(1, 2 P(Binomial(b + c, 1/2) <= min(b, c))).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from alignlab.report.discovery import Key, Run, as_dict, num
 
 PAIRED_COLUMNS = ["baseline", "paired_seeds", "diff_mean", "ci95_low", "ci95_high"]
 BOOT_COLUMNS = ["boot95_low", "boot95_high", "bootstrap_over"]
+MCNEMAR_COLUMNS = ["mcnemar_b", "mcnemar_c", "mcnemar_p"]
 OVER_PROBLEMS, OVER_SEEDS = "seeds x problems", "seeds"
 FINAL = "final"
 
@@ -78,6 +86,9 @@ class PairedDiff:
     boot95_low: float = math.nan
     boot95_high: float = math.nan
     bootstrap_over: str | None = None  # OVER_PROBLEMS or OVER_SEEDS once a bootstrap ran
+    mcnemar_b: int | None = None  # one shared seed with verdicts: problems only the configuration solves
+    mcnemar_c: int | None = None  # ... only the baseline solves
+    mcnemar_p: float = math.nan  # McNemar's exact two-sided p
 
     @property
     def n(self) -> int:
@@ -103,10 +114,15 @@ class Paired:
     diffs: dict[Key, dict[int | str, PairedDiff]] = field(default_factory=dict)
     config_of: dict[Path, Key] = field(default_factory=dict)  # run dir -> its configuration (ok runs only)
 
+    @property
+    def has_mcnemar(self) -> bool:
+        """Whether some configuration has a single-seed McNemar test (its columns are shown only then)."""
+        return any(d.mcnemar_b is not None for by_at in self.diffs.values() for d in by_at.values())
+
     def columns(self, runs: Sequence[Run], run_index: Sequence[int], rounds: Sequence[object]) -> dict[str, list]:
         """report.csv's paired columns, one value per row (a run's round): its configuration's difference at
         that round. Empty for the baseline's own rows and for runs that were not averaged in."""
-        cols = PAIRED_COLUMNS + (BOOT_COLUMNS if self.bootstrap else [])
+        cols = PAIRED_COLUMNS + (BOOT_COLUMNS if self.bootstrap else []) + (MCNEMAR_COLUMNS if self.has_mcnemar else [])
         out: dict[str, list] = {c: [] for c in cols}
         for i, rnd in zip(run_index, rounds):
             key = self.config_of.get(runs[int(i)].path)
@@ -116,7 +132,9 @@ class Paired:
             out["baseline"].append(self.baseline_label if key is not None else None)
             values = {} if d is None else {"paired_seeds": d.n, "diff_mean": d.mean, "ci95_low": d.ci95_low,
                                            "ci95_high": d.ci95_high, "boot95_low": d.boot95_low,
-                                           "boot95_high": d.boot95_high, "bootstrap_over": d.bootstrap_over}
+                                           "boot95_high": d.boot95_high, "bootstrap_over": d.bootstrap_over,
+                                           "mcnemar_b": d.mcnemar_b, "mcnemar_c": d.mcnemar_c,
+                                           "mcnemar_p": d.mcnemar_p}
             for c in cols[1:]:
                 v = values.get(c)
                 out[c].append(None if v is None or (isinstance(v, float) and math.isnan(v)) else v)
@@ -188,19 +206,37 @@ def _problem_diffs(evals: pd.DataFrame, config: int, baseline: int, at: int | st
     return np.stack(rows) if rows and len({len(r) for r in rows}) == 1 else None
 
 
-def _bootstrap_problems(diffs: np.ndarray, resamples: int, seed: int, chunk: int = 256) -> tuple[float, float]:
-    """Percentile 95 % interval of the mean per-problem difference, resampling seeds and then, within each drawn
-    seed, problems (paired: one index draws the same problem for both arms)."""
+def crossed_means(diffs: np.ndarray, resamples: int, seed: int, chunk: int = 256) -> np.ndarray:
+    """Bootstrap replicates of the mean of a (seeds x problems) difference matrix, seeds and problems crossed: each
+    replicate draws seed rows and problem columns independently, with replacement, the same columns for every drawn
+    row (and, as the matrix holds differences, for both arms)."""
     rng = np.random.default_rng(seed)
     n_seeds, n_problems = diffs.shape
     means = []
     for start in range(0, resamples, chunk):
         c = min(chunk, resamples - start)
         drawn_seeds = rng.integers(0, n_seeds, size=(c, n_seeds))
-        drawn_problems = rng.integers(0, n_problems, size=(c, n_seeds, n_problems))
-        means.append(diffs[drawn_seeds[:, :, None], drawn_problems].mean(axis=(1, 2)))
-    lo, hi = np.percentile(np.concatenate(means), [2.5, 97.5])
+        drawn_problems = rng.integers(0, n_problems, size=(c, n_problems))
+        means.append(diffs[drawn_seeds[:, :, None], drawn_problems[:, None, :]].mean(axis=(1, 2)))
+    return np.concatenate(means) if means else np.zeros(0)
+
+
+def _bootstrap_problems(diffs: np.ndarray, resamples: int, seed: int, chunk: int = 256) -> tuple[float, float]:
+    """Percentile 95 % interval of the mean per-problem difference over crossed seed x problem resamples."""
+    lo, hi = np.percentile(crossed_means(diffs, resamples, seed, chunk), [2.5, 97.5])
     return float(lo), float(hi)
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """McNemar's exact two-sided p for b and c discordant problems (one checkpoint right where the other is wrong):
+    under no difference each discordant problem falls either way with probability 1/2."""
+    if b < 0 or c < 0:
+        raise ValueError(f"discordant counts must be >= 0, got b={b}, c={c}")
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n
+    return min(1.0, 2 * tail)
 
 
 def _bootstrap(d: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
@@ -238,6 +274,11 @@ def paired_differences(stats: Sequence[ConfigStats], baseline: ConfigStats, labe
                 half = t_quantile(0.975, n - 1) * pd_.sd / math.sqrt(n)
                 pd_.ci95_low, pd_.ci95_high = pd_.mean - half, pd_.mean + half
             problems = _problem_diffs(evals, i, b, at, pd_.seeds) if bootstrap and n else None
+            if n == 1:
+                one = _problem_diffs(evals, i, b, at, pd_.seeds)
+                if one is not None:
+                    pd_.mcnemar_b, pd_.mcnemar_c = int((one == 1).sum()), int((one == -1).sum())
+                    pd_.mcnemar_p = mcnemar_exact(pd_.mcnemar_b, pd_.mcnemar_c)
             if problems is not None:
                 pd_.boot95_low, pd_.boot95_high = _bootstrap_problems(problems, bootstrap, seed)
                 pd_.bootstrap_over = OVER_PROBLEMS

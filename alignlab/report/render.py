@@ -60,21 +60,26 @@ def _signed(x: float) -> str:
 def _paired_section(paired: Paired, labels: dict[Key, str], round_ids: list[int]) -> list[str]:
     """Per configuration: the paired difference to the baseline per round and for the final accuracy."""
     boot = paired.bootstrap > 0
+    mcn = paired.has_mcnemar
     lines = [
         f"## Paired differences vs baseline `{paired.baseline_label}`",
         "",
         "Difference in accuracy to the baseline configuration, paired by seed over the seeds both ran "
         "(mean over shared seeds; 95 % CI = mean ± t(0.975, n−1)·sd/√n"
         + (f"; bootstrap: {paired.bootstrap} resamples, percentile interval, over the shared seeds and, where the "
-           "evals record per-problem verdicts, the held-out problems within each seed (column `boot over`)"
+           "evals record per-problem verdicts, the held-out problems, crossed with the seeds: the same problems "
+           "drawn for every seed and both arms (column `boot over`)"
            if boot else "")
+        + ("; with one shared seed: McNemar's exact test on the problems only one of the two solves "
+           "(b: only this configuration, c: only the baseline; two-sided p)" if mcn else "")
         + "). An interval that excludes 0 is a measured difference; one that includes 0 is not.",
         f"Baseline configuration: `{labels[paired.baseline]}`.",
         "",
     ]
     header = ["configuration", "paired seeds", *[f"Δ round {r} [95% CI]" for r in round_ids], "Δ final acc",
-              "ci95_low", "ci95_high", *(["boot95_low", "boot95_high", "boot over"] if boot else []), "excludes 0"]
-    aligns = ["---", "---"] + ["---:"] * (len(round_ids) + 3 + 2 * boot) + ["---"] * (1 + boot)
+              "ci95_low", "ci95_high", *(["boot95_low", "boot95_high", "boot over"] if boot else []),
+              *(["McNemar b/c", "McNemar p"] if mcn else []), "excludes 0"]
+    aligns = ["---", "---"] + ["---:"] * (len(round_ids) + 3 + 2 * boot) + ["---"] * boot + ["---:"] * (2 * mcn) + ["---"]
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join(aligns) + "|"]
     for key, by_round in paired.diffs.items():
         f = by_round.get("final")
@@ -89,6 +94,9 @@ def _paired_section(paired: Paired, labels: dict[Key, str], round_ids: list[int]
         cells += [_signed(f.mean), _signed(f.ci95_low), _signed(f.ci95_high)]
         if boot:
             cells += [_signed(f.boot95_low), _signed(f.boot95_high), f.bootstrap_over or ""]
+        if mcn:
+            cells += ["" if f.mcnemar_b is None else f"{f.mcnemar_b}/{f.mcnemar_c}",
+                      "" if math.isnan(f.mcnemar_p) else f"{f.mcnemar_p:.4g}"]
         cells.append(f.verdict)
         lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]
