@@ -4,7 +4,9 @@ TRL has no standalone loss function in 1.16: the loss is computed inside ``DPOTr
 return_outputs)`` right after the forward pass. We call that method unbound on a trainer made with
 ``object.__new__`` carrying only the attributes it reads, with a stand-in model whose "forward" returns a given
 per-token log-prob tensor (the shape TRL's fused LM head returns). One end-to-end case instead runs a tiny
-LlamaForCausalLM with TRL's fused LM head and compares parameter gradients.
+LlamaForCausalLM with TRL's fused LM head and compares parameter gradients; there alignlab's log-probs go through
+``collate`` / ``response_logps`` (alignlab/train/batching.py), so TRL's completion mask checks our target mask.
+TRL is a pinned dev dependency: imported plainly, so a missing TRL fails instead of skipping the closed forms.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from trl.trainer import dpo_trainer as trl_dpo  # a pinned dev dependency: imported plainly, never skipped
+from trl.trainer import utils as trl_utils
 
 from alignlab.losses import (
     DPOLoss,
@@ -32,9 +35,7 @@ from alignlab.losses import (
     SFTLoss,
     WeightedLoss,
 )
-
-trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
-trl_utils = pytest.importorskip("trl.trainer.utils")
+from alignlab.train.batching import Encoded, collate, response_logps
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "loss"
 ATOL = 1e-5
@@ -260,8 +261,9 @@ def _tiny_llama(seed: int):
     ids=["sigmoid", "ipo", "robust"],
 )
 def test_matches_trl_end_to_end_on_tiny_llama(types, weights, loss_fn):
-    # Full TRL path: fused LM head on policy and reference, completion-mask token counting; our log-probs come from
-    # ordinary logits. Compares the loss and the gradient w.r.t. every model parameter.
+    # Full TRL path: fused LM head on policy and reference, completion-mask token counting; ours: the rows as
+    # alignlab.train.batching encodes them, through collate and response_logps (the trainers' forward). Compares the
+    # loss and the gradient w.r.t. every model parameter, so a target mask off by one position fails here too.
     policy = _tiny_llama(0)
     ref = copy.deepcopy(policy)
     with torch.no_grad():  # make the reference differ from the policy
@@ -278,15 +280,15 @@ def test_matches_trl_end_to_end_on_tiny_llama(types, weights, loss_fn):
     trl_loss = trl_dpo.DPOTrainer._compute_loss(trainer, trl_policy, inputs, return_outputs=False)
     trl_loss.backward()
 
-    def summed_logps(model):
-        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1]
-        token_lp = torch.gather(F.log_softmax(logits.float(), -1), 2, inputs["input_ids"][:, 1:, None])[..., 0]
-        return (token_lp * inputs["completion_mask"][:, 1:]).sum(1)
+    def summed_logps(model):  # alignlab's own path: Encoded rows -> collate -> response_logps
+        items = [Encoded(ids=inputs["input_ids"][i, : int(inputs["attention_mask"][i].sum())].tolist(),
+                         prompt_len=int(inputs["completion_mask"][i].argmax())) for i in range(2 * B)]
+        return response_logps(model, *collate(items, pad_id=0))
 
-    pol = summed_logps(policy)
+    pol, tokens = summed_logps(policy)
     with torch.no_grad():
-        rf = summed_logps(ref)
-    tokens = inputs["completion_mask"].sum(1)
+        rf, _ = summed_logps(ref)
+    assert tokens.tolist() == inputs["completion_mask"].sum(1).tolist()
     lp = PairLogps(pol[:B], pol[B:], rf[:B], rf[B:], tokens[:B], tokens[B:])
     loss = loss_fn(lp)[0].mean()
     loss.backward()
