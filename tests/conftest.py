@@ -23,6 +23,13 @@ TINY_RUN = ["data.train_prompts=12", "data.eval_problems=12", "sampler.n=4", "ge
             "trainer.epochs=1", "trainer.batch_size=4", "logger=none", "threads=1"]
 
 
+def pytest_configure(config) -> None:
+    """Every skip is listed with its reason in the summary at the end of ``make test`` (as ``-rs`` would)."""
+    chars = config.option.reportchars or ""
+    if not set(chars) & set("sSaA"):
+        config.option.reportchars = chars + "s"
+
+
 @pytest.fixture(scope="session")
 def tiny_dir() -> Path:
     assert (TINY / "config.json").exists(), "the embedded checkpoint is missing: run `make sft`"
