@@ -18,8 +18,11 @@ from omegaconf import OmegaConf
 from alignlab import config as C
 from alignlab.runlock import LOCK_FILE, RunLock, RunLocked, read_holder
 from alignlab.spec import SpecError, from_spec
+from tests import test_reliability as R
 from tests.conftest import ROOT, alignlab, launch
-from tests.test_reliability import ENV, RUN, _artifacts, _kill_points, _summary, ref  # noqa: F401 - fixture
+from tests.test_reliability import ENV, RUN, _summary
+
+ref = R.ref  # the uninterrupted reference run (a module fixture)
 
 HOLD = ("import sys, time\nfrom alignlab.runlock import RunLock\nwith RunLock(sys.argv[1]):\n"
         "    print('held', flush=True)\n    time.sleep(600)\n")
@@ -131,7 +134,7 @@ def test_planted_pickles_in_rank_work_dirs_are_never_executed(tiny_dir, tmp_path
     tok, spec = load_tokenizer(tiny_dir), ModelSpec(path=str(tiny_dir))
     pairs = [Pair(str(i), spec.render(tok, p.text), solution(p), solution(p, skip_last=True))
              for i, p in enumerate(generate(6, "train", seed=5, levels=(3,)))]
-    ref = {"chosen": [-10.0] * 6, "rejected": [-11.0] * 6}
+    ref_lp = {"chosen": [-10.0] * 6, "rejected": [-11.0] * 6}
     sage = C.build("selector", OmegaConf.create({"_target_": "alignlab.select.sage.SageSelector", "keep_ratio": 0.5,
                                                  "granularity": "step", "curriculum": None}), {})
     trainer = DeepSpeedTrainer(micro_batch_size=1, ranks=2, threads_per_rank=1, epochs=1, max_length=128,
@@ -141,7 +144,7 @@ def test_planted_pickles_in_rank_work_dirs_are_never_executed(tiny_dir, tmp_path
     job = trainer._job("train", tiny_dir, out, 3)
     job["loss"] = round_trip(DPOLoss(), "loss")
     job["callbacks"] = [round_trip(c, "cb") for c in sage.callbacks()]
-    trainer._prepare(work, job, _fingerprint(job, pairs, ref), pairs, ref)
+    trainer._prepare(work, job, _fingerprint(job, pairs, ref_lp), pairs, ref_lp)
     for name in ("loss.pkl", "callbacks.pkl"):
         (work / name).write_bytes(payload)
     trainer.run_on_ranks("alignlab.train.ds_worker", work)
