@@ -34,6 +34,7 @@ from alignlab.records import (
     write_jsonl,
 )
 from alignlab.sampling import SampleContext
+from alignlab.train.pair_count import TrainedPairs
 
 log = logging.getLogger("alignlab")
 # forward_tokens: every token through a model (prompts included); trained_pairs: pair instances trained on
@@ -307,7 +308,7 @@ def train_stage(r: Round) -> None:
         t0 = time.time()
         if train_pairs:
             res = run.trainer.train(r.start_dir, train_pairs, ref, run.loss, ckpt, seed=r.seed * 7919 + r.k,
-                                    logger=run.logger, callbacks=run.selector.callbacks())
+                                    logger=run.logger, callbacks=[*run.selector.callbacks(), TrainedPairs()])
             info = {"steps": res.steps, "trained_tokens": res.trained_tokens, **res.summary}
         else:
             log.warning("round %d: no pairs to train on; the policy is carried over unchanged", r.k)
@@ -385,10 +386,13 @@ def reference_stage(rd: Path, ledger: Ledger, reference, chain: list[str], pairs
     disk by hash(reference checkpoint, pairs)."""
     pk = pairs_key(pairs)
     forward_tokens = 0
+    done: dict[Path, dict[str, list[float]]] = {}  # asked twice in one round (mix in round 1): one pass, charged once
 
     def logps_of(model_dir: str) -> dict[str, list[float]]:
         nonlocal forward_tokens
         path = rd / f"ref_logps.{hashlib.sha1((checkpoint_key(model_dir) + pk).encode()).hexdigest()[:16]}.json"
+        if path in done:
+            return done[path]
         if path.exists():
             res = json.loads(path.read_text())
         else:
@@ -396,6 +400,7 @@ def reference_stage(rd: Path, ledger: Ledger, reference, chain: list[str], pairs
             atomic_write_text(path, json.dumps(res))
         # a cache hit only happens on resume: count it as the uninterrupted run did, so the ledger is the same
         forward_tokens += int(res.get("forward_tokens", sum(res["chosen_tokens"]) + sum(res["rejected_tokens"])))
+        done[path] = res
         return res
 
     t0 = time.time()

@@ -463,3 +463,25 @@ def test_random_step_mode_redraws_every_step_and_epoch_with_sages_draw_and_count
     assert fixed.callbacks() == [] and len(fixed.select(_pairs()[0], seed=0)) == 3
     with pytest.raises(ValueError, match="mode"):
         RandomSelector(0.5, mode="pool")
+
+
+def test_trained_pairs_counted_distinct_and_total_and_a_step_budget(tiny_dir, tmp_path, one_thread):
+    """Every arm reports its steps and trained pairs, distinct and total; trainer.max_steps caps the plan (the
+    compute-matched Full arm). Per-step Random over 2 epochs re-draws: more distinct pairs than one epoch's share."""
+    from alignlab.train.pair_count import TrainedPairs
+
+    pairs = _real_pairs(tiny_dir, 24)
+    ref = reference_logps(tiny_dir, pairs)
+    counter = TrainedPairs()
+    tr = TorchTrainer(lr=1e-3, epochs=2, batch_size=2, grad_accum=1)
+    res = tr.train(tiny_dir, pairs, ref, DPOLoss(), tmp_path / "r", seed=0,
+                   callbacks=[*RandomSelector(0.5).callbacks(), counter])
+    kept = read_jsonl(tmp_path / "kept_pairs.jsonl")
+    assert res.summary["trained_pair_instances"] == res.summary["trained_pairs"] == len(kept) == 24  # 0.5 * 2 * 24
+    assert res.summary["trained_pairs_distinct"] == len({k["pair"] for k in kept}) > 12
+    capped = TorchTrainer(lr=1e-3, epochs=2, batch_size=4, grad_accum=1, max_steps=3)
+    res = capped.train(tiny_dir, pairs, ref, DPOLoss(), tmp_path / "c", seed=0, callbacks=[TrainedPairs()])
+    assert res.steps == 3 and res.summary["trained_pairs"] == res.summary["trained_pair_instances"] == 12
+    assert res.summary["trained_pairs_distinct"] == 12
+    with pytest.raises(ValueError, match="max_steps"):
+        TorchTrainer(max_steps=0)

@@ -57,11 +57,14 @@ class TorchTrainer:
     def __init__(self, lr: float = 1e-4, epochs: int = 2, batch_size: int = 16, grad_accum: int = 1,
                  max_grad_norm: float = 1.0, warmup_ratio: float = 0.1, weight_decay: float = 0.0,
                  max_length: int = 1024, max_grad_norm_abort: float = 1e6, log_every: int = 10,
-                 device: str = "auto", grad_stats: bool = False) -> None:
+                 device: str = "auto", grad_stats: bool = False, max_steps: int | None = None) -> None:
         for k, v in {"lr": lr, "epochs": epochs, "batch_size": batch_size, "grad_accum": grad_accum,
                      "max_length": max_length}.items():
             if v <= 0:
                 raise ValueError(f"{k} must be > 0, got {v}")
+        if max_steps is not None and int(max_steps) < 1:
+            raise ValueError(f"max_steps must be >= 1 or null, got {max_steps}")
+        self.max_steps = None if max_steps is None else int(max_steps)  # a step budget (e.g. another arm's FLOPs)
         if not 0 <= warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
         self.lr, self.epochs, self.batch_size, self.grad_accum = lr, epochs, batch_size, grad_accum
@@ -102,6 +105,8 @@ class TorchTrainer:
         state.draw_size = cbs.draw_size(self.batch_size)
         cbs.train_begin(state)
         micro = batch_plan(enc, state.draw_size, self.epochs, seed)
+        if self.max_steps is not None:  # the plan's first max_steps steps; the schedule spans them
+            micro = micro[: self.max_steps * self.grad_accum]
         total_steps = max(1, math.ceil(len(micro) / self.grad_accum))
         opt = build_optimizer(model.parameters(), self.lr, self.weight_decay)
         sched = build_schedule(opt, int(self.warmup_ratio * total_steps), total_steps)
