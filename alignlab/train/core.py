@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from alignlab.records import Pair
+from alignlab.records import DiskFull, Pair, is_disk_full
 from alignlab.train.batching import Encoded, collate, encode, response_logps
 
 
@@ -118,13 +118,19 @@ def save_checkpoint(model, tok, out: str | Path, source_dir: str | Path | None =
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    for obj, kw in ((model, {"safe_serialization": True, "state_dict": state_dict}), (tok, {})):
-        obj.save_pretrained(tmp, **kw)  # the weights (safetensors), then the tokenizer
-    meta = resolve_path(str(source_dir)) / "alignlab_model.json" if source_dir else None
-    if meta is not None and meta.exists():
-        shutil.copy(meta, tmp / meta.name)
-    for name, text in (extra_files or {}).items():
-        (tmp / name).write_text(text)
+    try:
+        for obj, kw in ((model, {"safe_serialization": True, "state_dict": state_dict}), (tok, {})):
+            obj.save_pretrained(tmp, **kw)  # the weights (safetensors), then the tokenizer
+        meta = resolve_path(str(source_dir)) / "alignlab_model.json" if source_dir else None
+        if meta is not None and meta.exists():
+            shutil.copy(meta, tmp / meta.name)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint (if any) is untouched
+        raise DiskFull(tmp) from e
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

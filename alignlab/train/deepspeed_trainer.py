@@ -26,15 +26,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from alignlab import preempt
 from alignlab.checks import read_hostfile, read_json_object, require_nvme_dir
 from alignlab.logging import RankBars, progress
-from alignlab.records import Pair, atomic_write_text
+from alignlab.records import DiskFull, Pair, atomic_write_text
 from alignlab.spec import PACKAGES_ENV, packages_of, round_trip
 from alignlab.train import NonFiniteLossError, TrainResult
 
 log = logging.getLogger("alignlab")
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 LAUNCHERS = ("torchrun", "deepspeed")
+STOP_GRACE_S = 20.0  # a stopped train stage's ranks get this long to save (SLURM's KillWait is 30 s by default)
 OPTIMIZERS = ("torch", "deepspeed")
 
 # What conf/trainer/deepspeed_zero2.yaml spells out; "auto" values are filled from the trainer's knobs.
@@ -222,7 +224,8 @@ class DeepSpeedTrainer:
 
         bar = progress(desc=f"train ({self.world_size()} ranks)", unit="step")
         try:
-            self._launch(work, on_progress, packages=packages_of(job))
+            with preempt.deferred():  # SIGTERM: the ranks save a DeepSpeed checkpoint at the next step, then stop
+                self._launch(work, on_progress, packages=packages_of(job))
             on_progress()
         finally:
             bar.close()
@@ -309,7 +312,8 @@ class DeepSpeedTrainer:
         work.mkdir(parents=True, exist_ok=True)
         for f in work.glob("error.rank*.json"):
             f.unlink()
-        (work / "result.json").unlink(missing_ok=True)
+        for name in ("result.json", preempt.STOP_FILE, preempt.PREEMPTED_FILE):
+            (work / name).unlink(missing_ok=True)
         _write_pairs(work / "pairs.jsonl", pairs)
         atomic_write_text(work / "ref_logps.json", json.dumps({"chosen": list(ref_logps["chosen"]),
                                                                 "rejected": list(ref_logps["rejected"])}))
@@ -330,11 +334,19 @@ class DeepSpeedTrainer:
             proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=str(work),
                                     preexec_fn=_die_with_parent)
             bars = RankBars(work / "launcher.log")  # rank 0's progress bars, on this console
+            asked = 0.0
             try:
                 while proc.poll() is None:
                     time.sleep(0.5)
                     on_progress()
                     bars.poll()
+                    if preempt.requested() and not asked:  # deferred: tell the ranks; they save, then exit
+                        log.warning("trainer: stop requested; the ranks save at the next step boundary")
+                        atomic_write_text(work / preempt.STOP_FILE, str(preempt.requested()))
+                        asked = time.time()
+                    if asked and time.time() - asked > STOP_GRACE_S:
+                        log.warning("trainer: the ranks did not stop within %.0f s; stopping them", STOP_GRACE_S)
+                        _stop(proc, grace_s=5.0)
             except BaseException:
                 _stop(proc)
                 raise
@@ -342,9 +354,13 @@ class DeepSpeedTrainer:
                 bars.close()
         finally:
             logf.close()
+        if preempt.requested():
+            raise preempt.Preempted(preempt.requested())
         errors = sorted(work.glob("error.rank*.json"))
         if errors:
             err = json.loads(errors[0].read_text())
+            if err.get("disk_full"):
+                raise DiskFull(err.get("filename") or work)
             if err["type"] == "NonFiniteLossError":
                 raise NonFiniteLossError(
                     f"{err['message']}. The round was stopped before saving; the previous checkpoint is intact. "

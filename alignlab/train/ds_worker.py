@@ -25,10 +25,11 @@ from typing import Any
 
 import torch
 
+from alignlab import preempt
 from alignlab._compat import skip_cpu_shm_allreduce, zero3_full_state_dict
 from alignlab.losses import PairLogps
 from alignlab.models import load_tokenizer, resolve_path
-from alignlab.records import Pair, atomic_write_text
+from alignlab.records import Pair, atomic_write_text, is_disk_full
 from alignlab.spec import from_spec
 from alignlab.train import NonFiniteLossError
 from alignlab.train.batching import collate, token_logps, token_logps_of
@@ -287,9 +288,16 @@ def run_train(work: Path, job: dict[str, Any]) -> None:
             with open(work / "history.jsonl", "a") as f:
                 f.write(json.dumps(vals_h) + "\n")
         every = job["checkpoint_every"]
-        if every and (step + 1) % every == 0 and step + 1 < total_steps:
+        stop = stop_requested(work, device)
+        if (stop or every and (step + 1) % every == 0) and step + 1 < total_steps:
             save_ds_checkpoint(engine, ckpt_dir, step + 1, history, rank, cbs, state,
                                {"pairs": trained_pairs, "tokens": trained_tokens})
+        if stop and step + 1 < total_steps:
+            if rank == 0:
+                atomic_write_text(work / preempt.PREEMPTED_FILE, json.dumps({"step": step + 1}))
+            note(rank, f"stop requested: saved a DeepSpeed checkpoint at step {step + 1}; stopping")
+            dist.barrier()
+            return
 
     note(rank, "training done; saving the Hugging Face checkpoint")
     out = Path(job["out_dir"])
@@ -310,6 +318,16 @@ def run_train(work: Path, job: dict[str, Any]) -> None:
             {"steps": total_steps, "trained_tokens": trained_tokens, "history": history, "summary": summary}))
     note(rank, f"saved {out}")
     dist.barrier()
+
+
+def stop_requested(work: Path, device: torch.device) -> bool:
+    """Whether any rank got SIGTERM/SIGUSR1 or the runner asked (``<work>/stop``): all ranks agree (one
+    all-reduce per step), so they save the same step and stop together."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([1.0 if preempt.requested() or (work / preempt.STOP_FILE).exists() else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def micro_batch_grad(module, named: dict[str, torch.Tensor], items: list, pad_id: int, device, loss,
@@ -422,6 +440,8 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(args[0])
     die_with_parent()
     job = json.loads((work / "job.json").read_text())
+    if job["mode"] == "train":
+        preempt.install(raise_now=False)  # SIGTERM/SIGUSR1: finish the step, save, stop (checked once per step)
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
     import deepspeed
@@ -434,7 +454,8 @@ def main(argv: list[str] | None = None) -> None:
         (run_train if job["mode"] == "train" else run_logps)(work, job)
     except Exception as e:  # noqa: BLE001 - report the first failing rank's error to the parent
         err = {"type": type(e).__name__, "message": str(e), "rank": dist.get_rank(),
-               "traceback": traceback.format_exc()}
+               "traceback": traceback.format_exc(), "disk_full": is_disk_full(e),
+               "filename": getattr(e, "filename", None)}
         path = work / f"error.rank{dist.get_rank()}.json"
         atomic_write_text(path, json.dumps(err))
         traceback.print_exc()
