@@ -1,6 +1,7 @@
 """The compute ledger charges every forward token: a round's FLOPs recomputed from its artifacts (prompts, rollouts,
-pairs, kept pairs) equal the ledger's, for DPO-R1 (the reduced quickstart), SAGE's in-step filter and PACE with
-refinement prompts and the exact proximity gate."""
+pairs, kept pairs) equal the ledger's, for DPO-R1 (the reduced quickstart), SAGE's in-step filter, PACE with
+refinement prompts and the exact proximity gate, and two rounds of reference=fixed|mix|ema (whose round-2 reference
+log-probs come from the right checkpoints of the chain, checked against unbatched forwards)."""
 
 from __future__ import annotations
 
@@ -56,7 +57,9 @@ def _recompute(run: Path, k: int) -> dict[str, int]:
         scoring = sum(seq) * (epochs + (records if stable else 0))
     else:
         trained, scoring = sum(seq) * epochs, 0
-    return {"prompt": prompt, "generated": sum(r.tokens for r in rollouts), "reference": sum(seq),
+    # each reference pass leaves its cached log-probs (one file per checkpoint it ran: two for reference=mix)
+    passes = len(list(rd.glob("ref_logps.*.json")))
+    return {"prompt": prompt, "generated": sum(r.tokens for r in rollouts), "reference": passes * sum(seq),
             "trained": trained, "scoring": scoring, "proximity": proximity}
 
 
@@ -119,3 +122,47 @@ def test_pace_round_charges_refinement_prompts_and_the_proximity_gate_as_its_own
     ledger = json.loads((tmp_path / "round_1" / "ledger.json").read_text())
     assert ledger["proximity"]["forward_tokens"] == got["proximity"] > 0
     assert ledger["proximity"]["flops"] == 2 * checkpoint_params(tiny_dir) * got["proximity"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reference", ["fixed", "mix", "ema"])
+def test_two_rounds_reference_chain_and_ledger(tiny_dir, tmp_path, reference):
+    """Round 2's reference log-probs come from pi_0 (fixed), from pi_0 and pi_1 (mix: two passes) or from the
+    average of their weights (ema, built by the test from the safetensors); the ledger charges each pass once."""
+    import torch
+    from safetensors.torch import load_file
+
+    from alignlab.models import load_model
+    from tests.test_logps import ATOL, unbatched_token_logps
+
+    alignlab(*TINY_RUN, "data.eval_problems=4", "rounds=2", "base_eval=false", f"reference={reference}", "trainer.lr=1e-3",
+             "verifier=noisy", "verifier.epsilon=0.3",
+             f"model.path={tiny_dir}", f"hydra.run.dir={tmp_path}")
+    for k in (1, 2):
+        got = _check_round(tmp_path, k)
+        assert got["reference"] > 0
+    rd, pi1 = tmp_path / "round_2", tmp_path / "round_1" / "checkpoint"
+    pairs = [s.pair for s in read_jsonl(rd / "selected.jsonl", Selected)]
+    tok = load_tokenizer(tiny_dir)
+
+    def chosen_sums(model) -> list[float]:
+        return [float(unbatched_token_logps(model, tok, p.prompt, p.chosen).sum()) for p in pairs]
+
+    under = {"pi0": chosen_sums(load_model(tiny_dir).eval()), "pi1": chosen_sums(load_model(pi1).eval())}
+    assert max(abs(a - b) for a, b in zip(under["pi0"], under["pi1"])) > 100 * ATOL  # the round moved the policy
+    if reference == "ema":  # ema_1 = 0.5 * theta_0 + 0.5 * theta_1 (decay 0.5), tensor by tensor
+        w0, w1 = load_file(tiny_dir / "model.safetensors"), load_file(pi1 / "model.safetensors")
+        assert set(w0) == set(w1)
+        ema = load_model(tiny_dir).eval()
+        ema.load_state_dict({k: 0.5 * w0[k] + 0.5 * w1[k] for k in w0}, strict=False)
+        ema.tie_weights()
+        built = load_file(rd / "ema_reference" / "model.safetensors")
+        for key in w0:
+            torch.testing.assert_close(built[key], 0.5 * w0[key] + 0.5 * w1[key])
+        under["ema"] = chosen_sums(ema)
+    want = {"fixed": ["pi0"], "mix": ["pi0", "pi1"], "ema": ["ema"]}[reference]
+    files = [json.loads(f.read_text()) for f in sorted(rd.glob("ref_logps.*.json"))]
+    assert len(files) == len(want)  # mix: two reference passes in round 2; one in round 1 (the same pi_0)
+    for name in want:
+        assert sum(all(abs(a - b) < ATOL for a, b in zip(f["chosen"], under[name])) for f in files) == 1, name
+    assert len(list((tmp_path / "round_1").glob("ref_logps.*.json"))) == 1
