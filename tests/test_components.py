@@ -312,3 +312,60 @@ def test_mixed_policy_sampler_draws_lambda_share_on_policy(tiny_dir):
     assert sorted(r.sample_index for r in rs if r.problem_id == problems[0].id) == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="on_policy"):
         MixedPolicySampler(on_policy=1.5)
+
+
+def test_rollout_diagnostics_on_hand_built_rollouts():
+    """Every value worked out by hand: p1 2 of 3 right (answers 3, 4), p2 none right (no answer, 7), p3 no samples
+    (left out), p4 its one sample right; a sample of an unknown problem is ignored."""
+    from alignlab.stages import rollout_diagnostics
+
+    probs = [Problem(f"p{i}", "q", "3") for i in (1, 2, 3, 4)]
+
+    def r(pid, verdict, extracted, entropy, finished=None):
+        meta = {"entropy": entropy, **({} if finished is None else {"finished": finished})}
+        return Rollout(pid, "t", 5, -1.0, verdict=verdict, extracted=extracted, meta=meta)
+
+    rs = [r("p1", True, "3", 0.5, True), r("p1", False, "4", 1.0, False), r("p1", True, "3", 1.5, True),
+          r("p2", False, None, 2.0, False), r("p2", False, "7", 3.0),  # no "finished" recorded: counted finished
+          r("p4", True, "3", 4.0, True), r("other", True, "3", 100.0, False)]
+    d = rollout_diagnostics(probs, rs)
+    want = {"pass_at_k": 2 / 3, "mean_pass_rate": (2 / 3 + 0 + 1) / 3, "distinct_answers": (2 + 2 + 1) / 3,
+            "token_entropy": (0.5 + 1.0 + 1.5 + 2.0 + 3.0 + 4.0) / 6, "finished_rate": 4 / 6,
+            "all_correct": 1 / 3, "all_wrong": 1 / 3}
+    assert d == pytest.approx(want, abs=1e-12) and set(d) == set(want)
+
+
+def test_mixed_policy_sampler_draws_base_samples_from_the_base_checkpoint(tiny_dir, tmp_path):
+    """Base and policy are different checkpoints: each sample's logprob_sum is its own model's log-prob of the text
+    (an unbatched forward), which tells the two apart."""
+    from alignlab.models import load_model
+    from alignlab.sampling import MixedPolicySampler
+    from tests.test_logps import unbatched_token_logps
+
+    base = load_model(tiny_dir)
+    policy = load_model(tiny_dir)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    pol_dir = tmp_path / "policy"
+    policy.save_pretrained(pol_dir, safe_serialization=True)
+    load_tokenizer(tiny_dir).save_pretrained(pol_dir)
+    tok, spec = load_tokenizer(tiny_dir), ModelSpec(path=str(tiny_dir))
+    ctx = SampleContext(str(pol_dir), HFGenerator(max_new_tokens=48), spec, tok, ArithExactVerifier(), 0,
+                        base_dir=str(tiny_dir))
+    problems = arith.ArithDataset(train_prompts=2).train(1)
+    rs = MixedPolicySampler(n=4, on_policy=0.5).sample(problems, ctx)
+    assert sorted(r.source for r in rs) == ["base"] * 4 + ["policy"] * 4
+    prompt = {p.id: spec.render(tok, p.prompt) for p in problems}
+    models = {"base": base.eval(), "policy": policy.eval()}
+    def logp(model, x) -> float:  # a cut sample has no end-of-turn token: its sum is over the text's tokens only
+        per_token = unbatched_token_logps(model, tok, prompt[x.problem_id], x.text)
+        return float(per_token.sum() if x.meta["finished"] else per_token[:-1].sum())
+
+    # the samples whose text re-tokenises to the tokens generated (a garbled cut sample may not)
+    same = [x for x in rs if len(tok(x.text, add_special_tokens=False)["input_ids"]) + x.meta["finished"] == x.tokens]
+    assert {x.source for x in same} == {"base", "policy"}
+    for x in same:
+        own, other = logp(models[x.source], x), logp(models["policy" if x.source == "base" else "base"], x)
+        assert abs(x.logprob_sum - own) < 1e-3 and abs(x.logprob_sum - other) > 1e-2, (x.source, own, other)
