@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
-SOURCES = ("alignlab", "conf", "pyproject.toml", "setup.py", "README.md")
+SOURCES = ("alignlab", "conf", "pyproject.toml", "setup.py", "README.md", "LICENSE")
 
 
 def _sh(*cmd: str | Path, cwd: Path, env: dict[str, str] | None = None) -> str:
@@ -65,6 +65,18 @@ def test_the_wheel_carries_the_config_tree(installed):
     assert path.startswith(str(installed)), f"imported alignlab from {path}, not from the wheel"
     groups = sorted(p.name for p in (ROOT / "conf").iterdir() if p.is_dir() and p.name != "__pycache__")
     assert set(groups) <= set(names), names
+
+
+def test_the_wheel_declares_and_ships_the_apache_licence(installed):
+    """Reuse needs a licence: the metadata names Apache-2.0 (SPDX) and the wheel carries the repository's LICENSE text."""
+    py = installed / "bin" / "python"
+    out = _sh(py, "-c", "import importlib.metadata as m, json; d = m.distribution('alignlab'); "
+              "lic = [f for f in d.files if f.name == 'LICENSE']; "
+              "print(json.dumps([d.metadata['License-Expression'], d.metadata.get_all('License-File'), "
+              "lic[0].read_text() if lic else None]))", cwd=installed)
+    expression, files, text = json.loads(out.splitlines()[-1])
+    assert expression == "Apache-2.0" and files == ["LICENSE"]
+    assert text == (ROOT / "LICENSE").read_text() and "Apache License" in text and "Version 2.0, January 2004" in text
 
 
 def test_installed_console_script_composes_and_runs_one_round_from_an_empty_directory(installed, tmp_path):
