@@ -133,7 +133,9 @@ def rollout_diagnostics(problems: list[Problem], rollouts: list[Rollout]) -> dic
         ent += [r.meta.get("entropy", 0.0) for r in rs]
         finished += [bool(r.meta.get("finished", True)) for r in rs]
     mean = lambda xs: float(sum(xs) / len(xs)) if xs else 0.0  # noqa: E731
+    mixed = [r for r in rate if 0 < r < 1]  # the prompts that can give a (correct, incorrect) pair: the pool
     return {"pass_at_k": mean(pass_k), "mean_pass_rate": mean(rate), "distinct_answers": mean(distinct),
+            "pool_pass_rate": mean(mixed),
             "token_entropy": mean(ent), "finished_rate": mean(finished),
             "all_correct": mean([r == 1.0 for r in rate]), "all_wrong": mean([r == 0.0 for r in rate])}
 
@@ -284,10 +286,11 @@ def diagnostics(r: Round) -> dict[str, float]:
 def select_stage(r: Round) -> None:
     run = r.run
     scorer = make_scorer(run.reference, r.chain, r.rd, run.trainer)
-    # a curriculum advances on the round and its all-prompt pass rates
-    rates = [json.loads((run.out_dir / f"round_{j}" / "metrics.json").read_text())["diagnostics"]["mean_pass_rate"]
-             for j in range(1, r.k)]
-    run.selector.observe_round(r.k, [*rates, diagnostics(r)["mean_pass_rate"]])
+    # a curriculum advances on the round and its all-prompt and pool pass rates (runs from before pool_pass_rate: None)
+    past = [json.loads((run.out_dir / f"round_{j}" / "metrics.json").read_text())["diagnostics"] for j in range(1, r.k)]
+    now = diagnostics(r)
+    run.selector.observe_round(r.k, [d["mean_pass_rate"] for d in [*past, now]],
+                               [d.get("pool_pass_rate") for d in [*past, now]])
 
     def do_select():
         chosen = run.selector.select(r.pairs, seed=r.seed + r.k, scorer=scorer)

@@ -13,7 +13,7 @@ import torch
 from alignlab.data import arith
 from alignlab.losses import DPOLoss
 from alignlab.models import ModelSpec, load_tokenizer
-from alignlab.records import Pair, read_jsonl
+from alignlab.records import Pair, Problem, Rollout, read_jsonl
 from alignlab.runner import build_components
 from alignlab.select.curriculum import Curriculum, KeepSchedule, quotas, top_k
 from alignlab.select.random import RandomSelector, RandomStepFilter
@@ -25,6 +25,7 @@ from alignlab.select.sage import (
     newton_score,
     stable_score,
 )
+from alignlab.stages import rollout_diagnostics
 from alignlab.train.torch_trainer import TorchTrainer, reference_logps
 from tests.conftest import TINY_RUN, alignlab
 
@@ -188,6 +189,43 @@ def test_curriculum_reaches_stages_2_and_3_by_rounds_or_by_pass_rate_gain_and_lo
         Curriculum(rounds_per_stage=0)
 
 
+def test_competence_curriculum_advances_one_way_at_the_rounds_the_pool_crosses_its_thresholds():
+    """advance_by=competence: a constructed run whose pool competence goes 0.27, 0.31, 0.29, 0.36, 0.30 (the embedded
+    task's range) enters stage 2 in round 2 and stage 3 in round 4, and keeps them (hand-derived, thresholds 0.30 /
+    0.35); the old pool rule (0.5 / 0.7) stays in stage 1 on the same pools."""
+    comps = [0.27, 0.31, 0.29, 0.36, 0.30]
+    want = [1, 2, 2, 3, 3]  # by hand: the first round >= 0.30 is 2, the first >= 0.35 is 4; never back
+    cur = Curriculum(advance_by="competence")
+    assert cur.competence_at == [0.30, 0.35]
+    sel = _sel(curriculum=cur)
+    got, old = [], []
+    for k, c in enumerate(comps, start=1):
+        rate_a, rate_b = round(c - 0.05, 4), round(c + 0.05, 4)  # one pool of two prompts whose mean pass rate is c
+        pairs, lp = _pairs([("a", -1.0, rate_a), ("b", 1.0, rate_b)])
+        # the runner's pool_rates: rounds 1..k from metrics.json; the last is replaced by this pool's own competence
+        sel.observe_round(k, [0.15] * k, [*comps[: k - 1], 0.99])
+        info = sel.select(pairs, seed=0, scorer=_scorer(lp))[0].pair.meta["sage_round"]
+        got.append(info["stage"])
+        assert info["advance_by"] == "competence" and info["competence"] == pytest.approx(c)
+        old.append(Curriculum(advance_by="pool").decide(pairs, sel.round_info)[1] + 1)
+    assert got == want and old == [1] * 5
+    # a round from before pool_pass_rate was logged (None) is skipped; without the runner, this pool alone
+    assert cur.decide(pairs, {"round": 3, "pass_rates": [], "pool_rates": [None, 0.36, None]})[1] == 2
+    assert cur.decide(pairs, None) == (pytest.approx(0.30), 1)
+    with pytest.raises(ValueError, match="competence_at"):
+        Curriculum(competence_at=[0.4, 0.3])
+
+
+def test_rollout_diagnostics_pool_pass_rate_is_the_mean_over_prompts_that_can_give_a_pair():
+    verdicts = {"a": [1, 1, 1, 1], "b": [1, 0, 0, 0], "c": [0, 0, 0, 0], "d": [1, 1, 0, 0]}
+    probs = [Problem(id=k, prompt="q", answer="1") for k in verdicts]
+    rolls = [Rollout(problem_id=k, text="r", tokens=1, logprob_sum=0.0, verdict=bool(v), extracted="1")
+             for k, vs in verdicts.items() for v in vs]
+    d = rollout_diagnostics(probs, rolls)
+    assert d["pool_pass_rate"] == pytest.approx((0.25 + 0.5) / 2)  # a (always) and c (never) give no pair
+    assert d["mean_pass_rate"] == pytest.approx((1 + 0.25 + 0 + 0.5) / 4)
+
+
 def test_constructor_rejects_impossible_values_naming_the_argument():
     for kw, name in (({"keep_ratio": 0}, "keep_ratio"), ({"keep_ratio": 1.5}, "keep_ratio"), ({"score": "x"}, "score"),
                      ({"granularity": "batch"}, "granularity"), ({"lam": -1}, "lam"), ({"beta": 0}, "beta")):
@@ -246,9 +284,14 @@ def test_sage_run_end_to_end_through_the_cli(tiny_dir, tmp_path):
     run = [a for a in TINY_RUN if not a.startswith(("sampler.n", "data.train_prompts"))]
     alignlab(*run, "sampler.n=8", "data.train_prompts=24", "selector=sage", "selector.keep_ratio=0.5", "trainer.grad_accum=2", "trainer.batch_size=2",
              "trainer.grad_stats=true",
-             "rounds=1", "base_eval=false", f"model.path={tiny_dir}", f"hydra.run.dir={tmp_path}")
+             "rounds=1", "base_eval=false", f"model.path={tiny_dir}", f"hydra.run.dir={tmp_path}",
+             "selector.curriculum.advance_by=competence")
     s = json.loads((tmp_path / "summary.json").read_text())
     r = s["rounds"][0]
+    # the runner hands the round's pool pass rate to the curriculum; the stage it used is in train.json / metrics
+    pool = json.loads((tmp_path / "round_1" / "metrics.json").read_text())["diagnostics"]["pool_pass_rate"]
+    assert r["train"]["curriculum_competence"] == pytest.approx(pool)
+    assert r["train"]["curriculum_stage"] == 1 + (pool >= 0.30) + (pool >= 0.35)
     # step granularity: the whole pool goes to the trainer's filter; `selected` counts the pairs it trained on
     assert abs(r["selected"] - r["pairs"] / 2) <= 0.05 * r["pairs"] / 2 + 1 and r["selected"] < r["pairs"]
     assert r["ledger"]["trained_pairs"] == r["train"]["trained_pairs"] == r["train"]["kept_pairs"]

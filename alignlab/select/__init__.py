@@ -19,7 +19,8 @@ class Selector(Protocol):
         """``scorer`` gives per-pair policy/reference log-probs for score-based selectors."""
         ...
 
-    def observe_round(self, round_index: int, pass_rates: list[float]) -> None: ...  # SelectorHooks gives both
+    def observe_round(self, round_index: int, pass_rates: list[float],
+                      pool_rates: list[float | None] | None = None) -> None: ...  # SelectorHooks gives both
 
     def callbacks(self) -> list: ...
 
@@ -27,8 +28,10 @@ class Selector(Protocol):
 class SelectorHooks:
     """What the runner asks of every selector besides ``select``; most have nothing to add."""
 
-    def observe_round(self, round_index: int, pass_rates: list[float]) -> None:
-        """The round index and the all-prompt mean pass rates of rounds 1..k (a curriculum advances on them)."""
+    def observe_round(self, round_index: int, pass_rates: list[float],
+                      pool_rates: list[float | None] | None = None) -> None:
+        """The round index, the all-prompt mean pass rates and the pool's (prompts with a pair: 0 < rate < 1) of rounds
+        1..k (a curriculum advances on them)."""
 
     def callbacks(self) -> list:
         """Trainer callbacks this selector runs in-step (SAGE's per-step filter); none by default."""

@@ -14,9 +14,18 @@ When the stage advances is ``advance_by`` (a knob; SAGE's own rule is not public
   ``advance_at[k-1]``.
 * ``pool``: competence = the mean pass rate of the round's pool (each paired prompt counted once; prompts solved
   always or never give no pair), "policy accuracy on the current pool" of §8; stage k once >= ``advance_at[k-1]``.
+* ``competence``: the same pool competence, against thresholds an on-policy pool can reach (``competence_at``), and
+  one-way: the stage is set by the highest pool competence of rounds 1..k, so a stage once entered is kept ("when
+  it passes a threshold, shift the pool toward harder buckets", sage.md §5). RECONSTRUCTED, SAGE's measure and
+  thresholds are not public: §8's "say 0.7" presumes an offline pool whose accuracy rises while the policy trains on
+  it; here the pool is rebuilt from fresh on-policy samples every round, so its competence is taken *before* training
+  on it and, with N = 8 samples, only prompts with pass rate 1/8..7/8 are in it. On the embedded task it was
+  0.27-0.37 in every run and round, so ``pool`` with 0.5 / 0.7 never left stage 1. Default ``competence_at`` =
+  0.30 / 0.35 sits inside that range; a real model's pool should be measured and the thresholds set from it.
 
-Each is a pure function of the round index and saved artifacts (the runner passes the round and the all-prompt pass
-rates of rounds 1..k through ``SageSelector.observe_round``), so a resumed run re-derives the stage.
+Each is a pure function of the round index and saved artifacts (the runner passes the round and the all-prompt and
+pool pass rates of rounds 1..k, from each round's metrics.json, through ``SageSelector.observe_round``), so a resumed
+run re-derives the stage.
 """
 
 from __future__ import annotations
@@ -30,7 +39,8 @@ from alignlab.records import Pair
 
 BUCKETS = ("easy", "medium", "hard")
 STAGES = ((0.5, 0.4, 0.1), (0.2, 0.5, 0.3), (0.1, 0.4, 0.5))  # sage.md §8, easy/medium/hard
-ADVANCE_BY = ("rounds", "pass_rate_gain", "pool")
+ADVANCE_BY = ("rounds", "pass_rate_gain", "pool", "competence")
+COMPETENCE_AT = (0.30, 0.35)  # advance_by=competence: reconstructed (see the module docstring)
 UNKNOWN = "unknown"  # pairs without a pass rate (builders that do not record it): proportion 0
 
 
@@ -46,16 +56,12 @@ class Curriculum:
 
     def __init__(self, stages: Sequence[Sequence[float]] = STAGES, advance_at: Sequence[float] = (0.5, 0.7),
                  easy_at: float = 0.75, hard_below: float = 0.25, advance_by: str = "rounds",
-                 rounds_per_stage: int = 1) -> None:
+                 rounds_per_stage: int = 1, competence_at: Sequence[float] = COMPETENCE_AT) -> None:
         self.stages = [_check_props(s, f"stages[{i}]") for i, s in enumerate(stages)]
         if not self.stages:
             raise ValueError("stages must list at least one (easy, medium, hard) proportion triple")
-        self.advance_at = [float(t) for t in advance_at]
-        if len(self.advance_at) != len(self.stages) - 1:
-            raise ValueError(f"advance_at needs len(stages) - 1 = {len(self.stages) - 1} thresholds, "
-                             f"got {list(advance_at)}")
-        if any(not 0 <= t <= 1 for t in self.advance_at) or self.advance_at != sorted(self.advance_at):
-            raise ValueError(f"advance_at must be ascending competences in [0, 1], got {list(advance_at)}")
+        self.advance_at = self._thresholds(advance_at, "advance_at")
+        self.competence_at = self._thresholds(competence_at, "competence_at")
         if not 0 < hard_below < easy_at <= 1:
             raise ValueError(f"need 0 < hard_below < easy_at <= 1, got hard_below={hard_below}, easy_at={easy_at}")
         self.easy_at, self.hard_below = float(easy_at), float(hard_below)
@@ -64,6 +70,14 @@ class Curriculum:
         if int(rounds_per_stage) < 1:
             raise ValueError(f"rounds_per_stage must be >= 1, got {rounds_per_stage}")
         self.advance_by, self.rounds_per_stage = advance_by, int(rounds_per_stage)
+
+    def _thresholds(self, values: Sequence[float], name: str) -> list[float]:
+        out = [float(t) for t in values]
+        if len(out) != len(self.stages) - 1:
+            raise ValueError(f"{name} needs len(stages) - 1 = {len(self.stages) - 1} thresholds, got {list(values)}")
+        if any(not 0 <= t <= 1 for t in out) or out != sorted(out):
+            raise ValueError(f"{name} must be ascending competences in [0, 1], got {list(values)}")
+        return out
 
     def bucket(self, pass_rate: float | None) -> str:
         if pass_rate is None:
@@ -81,10 +95,17 @@ class Curriculum:
 
     def decide(self, pairs: Sequence[Pair], round_info: dict | None = None) -> tuple[float | None, int]:
         """(competence, 0-based stage) for this round by ``advance_by``; ``round_info`` = {"round": k,
-        "pass_rates": [all-prompt mean pass rate of rounds 1..k]} from the runner (stage 1 without it)."""
+        "pass_rates": [all-prompt mean pass rate of rounds 1..k], "pool_rates": [pool competence of rounds 1..k]}
+        from the runner (stage 1 without it; ``competence`` then uses this pool alone)."""
         if self.advance_by == "pool":
             comp = self.competence(pairs)
             return comp, self.stage(comp)
+        if self.advance_by == "competence":
+            comp = self.competence(pairs)
+            rates = list((round_info or {}).get("pool_rates") or [])  # rounds 1..k; k's is this pool's own
+            seen = [float(c) for c in [*rates[:-1], comp if comp is not None else (rates or [None])[-1]]
+                    if c is not None]
+            return comp, self.stage(max(seen, default=None), self.competence_at)
         if not round_info:
             return None, 0
         if self.advance_by == "rounds":
@@ -94,9 +115,10 @@ class Curriculum:
         comp = rates[-1] - rates[0] if rates else None
         return comp, self.stage(comp)
 
-    def stage(self, competence: float | None) -> int:
-        """0-based stage: the number of ``advance_at`` thresholds the competence has reached."""
-        return 0 if competence is None else sum(competence >= t for t in self.advance_at)
+    def stage(self, competence: float | None, thresholds: Sequence[float] | None = None) -> int:
+        """0-based stage: the number of thresholds (``advance_at`` unless given) the competence has reached."""
+        at = self.advance_at if thresholds is None else thresholds
+        return 0 if competence is None else sum(competence >= t for t in at)
 
     def proportions(self, stage: int) -> dict[str, float]:
         return dict(zip(BUCKETS, self.stages[stage]))

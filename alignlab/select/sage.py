@@ -175,9 +175,12 @@ class SageSelector:
         self.stability_eps = float(stability_eps)
         self.round_info: dict | None = None  # set by the runner before each round (observe_round)
 
-    def observe_round(self, round_index: int, pass_rates: Sequence[float]) -> None:
-        """The runner's round index and all-prompt mean pass rates of rounds 1..k: what the curriculum advances on."""
-        self.round_info = {"round": int(round_index), "pass_rates": [float(r) for r in pass_rates]}
+    def observe_round(self, round_index: int, pass_rates: Sequence[float],
+                      pool_rates: Sequence[float | None] | None = None) -> None:
+        """The runner's round index and the all-prompt and pool mean pass rates of rounds 1..k: what the curriculum
+        advances on (``pool_rates`` for ``advance_by=competence``, which keeps the highest stage reached)."""
+        self.round_info = {"round": int(round_index), "pass_rates": [float(r) for r in pass_rates],
+                           "pool_rates": [None if r is None else float(r) for r in pool_rates or []]}
 
     @property
     def uses_token_stats(self) -> bool:
@@ -223,7 +226,7 @@ class SageSelector:
         comp, stage = cur.decide(pairs, self.round_info)
         if self.curriculum is None:
             stage = None
-        elif self.round_info is None and cur.advance_by != "pool":
+        elif self.round_info is None and cur.advance_by not in ("pool", "competence"):
             log.warning("sage: curriculum.advance_by=%s needs the runner's round index; stage 1 this time",
                         cur.advance_by)
         return {"competence": comp, "stage": stage, "buckets": cur.buckets(pairs),
