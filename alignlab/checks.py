@@ -395,6 +395,10 @@ def _check_composed(full: DictConfig, overrides: list[str], groups: Sequence[str
         for g in groups:
             C.validate_node(g, cfg[g], choices)
         comps = {g: C.build(g, cfg[g], choices) for g in groups}
+        try:
+            comps["model"].check_exists()  # a hub id: its cached copy, a download, or the offline error saying how
+        except FileNotFoundError as e:
+            raise ConfigError(str(e) if str(e).startswith("model.path") else f"model.path: {e}") from None
         check_model_dir(comps["model"].directory)
         return
     if cfg.get("stage") is not None:

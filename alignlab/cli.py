@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from alignlab.hub import is_hub_id
+
 os.environ.setdefault("WANDB_MODE", "offline")  # never online unless logger.mode=online is asked for
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -109,7 +111,8 @@ def _eval(cfg) -> None:
 
 
 def model_dir_override(arg: str) -> str:
-    """``model=<hf dir>`` -> ``model=<its config choice> model.path=<dir>``.
+    """``model=<hf dir>`` -> ``model=<its config choice> model.path=<dir>``; ``model=<org/name>`` (no such local
+    path) -> ``model=hf_dir model.path=<org/name>``, a hub id as in the model config, not a directory under cwd.
 
     A checkpoint written by alignlab carries ``alignlab_model.json`` naming the model config it
     was trained with (its prompt conventions); any other directory uses ``model=hf_dir``.
@@ -118,6 +121,8 @@ def model_dir_override(arg: str) -> str:
 
     if not arg.startswith("model=") or "/" not in arg and not Path(arg[6:]).is_dir():
         return arg
+    if is_hub_id(arg[6:]):  # org/name and no such local path: a hub id, fetched (or refused offline) by the model
+        return f"model=hf_dir\nmodel.path={arg[6:]}"
     path = Path(arg[6:])
     choice = "hf_dir"
     meta = path / "alignlab_model.json"

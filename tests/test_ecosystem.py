@@ -167,6 +167,28 @@ def test_a_hub_model_id_without_network_fails_fast_saying_how_to_download_it(tmp
     assert "huggingface-cli download Qwen/Qwen2.5-0.5B-Instruct --local-dir" in out
 
 
+@pytest.mark.parametrize("env", [UNREACHABLE, {"HF_HUB_OFFLINE": "1"}], ids=["unreachable", "offline"])
+def test_eval_of_a_hub_model_id_stays_a_hub_id_and_fails_fast_offline(tmp_path, env):
+    """`alignlab eval model=org/name` is a hub id (as model.path=org/name is), not <cwd>/org/name."""
+    t0 = time.time()
+    res = alignlab("eval", "model=Qwen/Qwen2.5-Math-7B", "hydra.run.dir=ev", cwd=tmp_path, env=env, check=False)
+    wall, out = time.time() - t0, res.stdout + res.stderr
+    assert res.returncode == 2 and wall < 10, (wall, out[-2000:])
+    assert "huggingface-cli download Qwen/Qwen2.5-Math-7B --local-dir" in out, out[-2000:]
+    assert str(tmp_path / "Qwen") not in out
+
+
+def test_eval_model_override_a_local_org_name_directory_is_a_path(tmp_path, monkeypatch):
+    from alignlab.cli import model_dir_override
+
+    monkeypatch.chdir(tmp_path)
+    assert model_dir_override("model=Qwen/Qwen2.5-Math-7B") == "model=hf_dir\nmodel.path=Qwen/Qwen2.5-Math-7B"
+    (tmp_path / "Qwen" / "Qwen2.5-Math-7B").mkdir(parents=True)  # the same name, now a directory under cwd
+    assert model_dir_override("model=Qwen/Qwen2.5-Math-7B") == (
+        f"model=hf_dir\nmodel.path={tmp_path / 'Qwen' / 'Qwen2.5-Math-7B'}")
+    assert model_dir_override("model=tiny_arith") == "model=tiny_arith"  # a config choice stays one
+
+
 def test_a_missing_local_model_dir_fails_fast_saying_how_to_download_it(tmp_path):
     t0 = time.time()
     res = alignlab(f"model.path={tmp_path / 'nowhere'}", *ROUND, f"hydra.run.dir={tmp_path / 'run'}", check=False)
