@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -81,3 +84,46 @@ def test_cfg_job_shows_the_composed_config_and_help_lists_groups():
     for group in ("model", "data", "generation", "sampler", "verifier", "pair_builder", "selector", "loss",
                   "reference", "trainer", "eval", "logger", "experiment"):
         assert f"{group}:" in helptext
+
+
+PRESETS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_experiment_preset_composes_and_builds(preset, tiny_dir, tmp_path, monkeypatch):
+    """Each preset in conf/experiment composes and builds every component (its model's weights are swapped for the
+    embedded checkpoint, which is what this machine has), and so does each value its Hydra sweep lists; the SFT
+    presets' settings bind to ``train_sft_base``'s arguments."""
+    import inspect
+
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, open_dict
+
+    from alignlab.data.benchmarks import BENCHMARKS
+    from alignlab.models.sft_base import train_sft_base
+    from tests.conftest import ROOT
+
+    cfg = _compose([f"experiment={preset}"])
+    assert cfg.experiment_name == preset
+    if cfg.get("stage") == "sft_base":
+        inspect.signature(train_sft_base).bind(**OmegaConf.to_container(cfg.sft_base, resolve=False))
+        return
+    # data=gsm8k and eval=math_suite check their files at build time: a stand-in of the shared layout (the build
+    # reads each file; one row that fits every benchmark's upstream schema), so the test needs no data folder
+    q = "Tom has 3 apples and buys 4 more. How many?"
+    row = json.dumps({"question": q, "problem": q, "answer": "3 + 4 = 7\n#### 7", "solution": "\\boxed{7}",
+                      "final_answer": ["7"]})
+    for f in ("train/gsm8k/train.jsonl", *(f"benchmarks/{b}/test.jsonl" for b in BENCHMARKS)):
+        (tmp_path / f).parent.mkdir(parents=True)
+        (tmp_path / f).write_text(f"{row}\n{row}\n")
+    monkeypatch.setenv("ALIGNLAB_DATA", str(tmp_path))
+    monkeypatch.setenv("ALIGNLAB_BENCHMARKS", str(tmp_path / "benchmarks"))
+    sweeps = OmegaConf.to_container(cfg.hydra.sweeper.params) if cfg.hydra.sweeper.get("params") else {}
+    variants = [[]] + [[f"{k}={v}"] for k, vals in sweeps.items() for v in str(vals).split(",")]
+    for extra in variants:
+        cfg = _compose([f"experiment={preset}", f"model.path={tiny_dir}", *extra])
+        with open_dict(cfg):
+            cfg.hydra.runtime.cwd = str(ROOT)  # ${hydra:runtime.cwd} (data=gsm8k's path), as a run sets it
+        HydraConfig.instance().set_config(cfg)
+        comps = build_components(cfg, _choices(cfg))
+        assert set(comps) >= {"sampler", "loss", "reference", "trainer", "selector"}, (preset, extra)
