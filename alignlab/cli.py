@@ -87,6 +87,7 @@ def _eval(cfg) -> None:
 
     from alignlab import config as C
     from alignlab.checks import check_model_dir
+    from alignlab.eval import write_sample_logs
     from alignlab.models import load_tokenizer
     from alignlab.records import atomic_write_text
 
@@ -102,9 +103,10 @@ def _eval(cfg) -> None:
         config_error_exit(e)
     out = Path(cfg.out_dir or HydraConfig.get().runtime.output_dir)
     tok = load_tokenizer(spec.directory)
-    res = evaluator.evaluate(str(spec.directory), gen, spec, tok, None)
-    table = res.get("benchmarks") or {"heldout": {k: res[k] for k in ("accuracy", "n", "se", "finished_rate",
-                                                                     "max_new_tokens", "prompts_sha1") if k in res}}
+    res = write_sample_logs(evaluator.evaluate(str(spec.directory), gen, spec, tok, None), out)
+    table = res.get("benchmarks") or {"heldout": {k: v for k, v in res.items() if k in (
+        "accuracy", "n", "se", "finished_rate", "max_new_tokens", "prompts_sha1", "samples", "temperature", "top_p")
+        or k.split("@")[0] in ("avg", "pass", "maj")}}
     atomic_write_text(out / "eval.json", json.dumps(table, indent=1))
     fmt = getattr(evaluator, "format_table", None)
     print(fmt(res) if fmt else json.dumps(table, indent=1))
@@ -190,8 +192,16 @@ def main() -> None:
         precheck("eval", args, ("model", "generation", "eval"))
         _hydra_app("eval", _eval)()
         return
-    precheck("config", sys.argv[1:])
-    _hydra_app("config", _run)()
+    from alignlab import preempt
+
+    preempt.install()  # a SIGTERM during start-up also ends with "resume me" (the run re-installs it)
+    try:
+        precheck("config", sys.argv[1:])
+        _hydra_app("config", _run)()
+    except preempt.Preempted as e:
+        log.error("preempted: %s during start-up; nothing was lost; rerun the same command (exit code %d)", e,
+                  preempt.EXIT_PREEMPTED)
+        sys.exit(preempt.EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":
