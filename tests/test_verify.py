@@ -6,7 +6,6 @@ import os
 import pickle
 import signal
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -66,22 +65,25 @@ def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
 
 
-def test_extract_answer_is_fast_on_megabyte_strings():
+def test_extract_answer_returns_on_megabyte_strings():
+    """Megabyte inputs that would make a backtracking pattern run for hours return (how fast is ``make bench``'s
+    business, not a test's): no box closes -> None; the last closed box wins."""
     cases = [
-        "{" * 1_000_000,
-        "\\boxed{" * 200_000,
-        "\\boxed{" + "{" * 1_000_000,
-        "1" * 1_000_000,
-        "-." * 500_000,
-        "he answer is " * 80_000,
-        "final answer is $" + "x" * 1_000_000,
-        "\\" * 1_000_000,
-        ("\\boxed{1}" * 100_000),
+        ("{" * 1_000_000, None),
+        ("\\boxed{" * 200_000, None),
+        ("\\boxed{" + "{" * 1_000_000, ...),
+        ("1" * 1_000_000, ...),
+        ("-." * 500_000, None),
+        ("he answer is " * 80_000, None),
+        ("final answer is $" + "x" * 1_000_000, ...),
+        ("\\" * 1_000_000, None),
+        ("\\boxed{1}" * 100_000, "1"),
     ]
-    for s in cases:
-        t = time.perf_counter()
-        extract_answer(s)
-        assert time.perf_counter() - t < 1.0
+    for s, want in cases:
+        got = extract_answer(s)
+        assert got is None or isinstance(got, str)
+        if want is not ...:
+            assert got == want
 
 
 def test_normalize_and_numbers():
@@ -177,9 +179,12 @@ def test_check_returns_extracted_and_handles_missing_answers(mv):
 
 
 def test_constructor_is_cheap_and_validates():
-    t = time.perf_counter()
+    import multiprocessing
+
+    before = {p.pid for p in multiprocessing.active_children()}
     v = MathVerifier()
-    assert time.perf_counter() - t < 0.05 and v._pool is None
+    assert v._pool is None  # cheap: no pool, no worker started until the first check
+    assert {p.pid for p in multiprocessing.active_children()} <= before
     for kw in ({"timeout_s": 0}, {"timeout_s": float("nan")}, {"workers": 0}, {"memory_mb": -1}):
         with pytest.raises(ValueError, match=next(iter(kw))):
             MathVerifier(**kw)
@@ -268,16 +273,13 @@ def test_at_least_fifty_adversarial_cases():
 
 
 def test_adversarial_predictions_are_false_and_bounded(mv):
-    slow = []
+    # bounded: an item the worker does not finish within TIMEOUT is cut (soft timeout) or its worker killed (hard),
+    # and either way answers False; the pool keeps answering afterwards
     for i, a in enumerate(ADVERSARIAL):
         for pred in (boxed(a), a):  # boxed, and as a raw response (extraction falls to the last number)
-            t = time.perf_counter()
             got = mv.check([pred], ["\\frac{7}{13}"])
-            dt = time.perf_counter() - t
             assert got[0].correct is False, (i, a[:60])
-            if dt > TIMEOUT + 1.0:
-                slow.append((i, a[:60], round(dt, 2)))
-    assert not slow
+    assert mv.verify_batch([boxed("x+1")], ["1+x"]) == [True]
 
 
 def test_adversarial_golds_do_not_crash(mv):
@@ -293,18 +295,18 @@ def test_timeout_kills_and_replaces_worker():
         assert v.verify_batch([boxed("x+1")], ["1+x"]) == [True]  # starts the worker
         (worker,) = v._pool._workers
         os.kill(worker.pid, signal.SIGSTOP)
-        t = time.perf_counter()
         assert v.verify_batch([boxed("x^2+1")], ["(x+1)^2"]) == [False]
-        assert time.perf_counter() - t < 0.5 + 1.0
         assert v.stats.timeouts == 1 and v._pool._workers[0].pid != worker.pid
         assert v.verify_batch([boxed("x^2+2x+1")], ["(x+1)^2"]) == [True]
 
 
 def test_slow_python_work_is_cut_by_the_soft_timeout(mv):
-    """Pure-Python sympy work that runs long is interrupted inside the worker (no kill needed)."""
-    t = time.perf_counter()
+    """Pure-Python sympy work that runs long is interrupted inside the worker (no kill needed): the same worker
+    processes answer, and the pool counted no hard timeout and no crash."""
+    mv.verify_batch([boxed("x+1")], ["1+x"])  # the workers are up
+    pids, stats = [w.pid for w in mv._pool._workers], (mv.stats.timeouts, mv.stats.crashes)
     assert mv.verify_batch([boxed("(10^{6})!")], ["(x+1)^{2}"]) == [False]
-    assert time.perf_counter() - t < TIMEOUT + 1.0
+    assert [w.pid for w in mv._pool._workers] == pids and (mv.stats.timeouts, mv.stats.crashes) == stats
 
 
 def test_worker_crash_is_recovered(mv):
@@ -426,3 +428,25 @@ def test_wrappers_reject_impossible_values(make, arg):
 def test_wrappers_reject_non_verifiers():
     with pytest.raises(TypeError, match="base"):
         NoisyVerifier(object(), 0.1)
+
+
+def test_numeric_tolerance_is_the_configs_rel_tol_with_near_misses_on_both_sides():
+    """``verifier.rel_tol`` (conf/verifier/math_verify.yaml, 1e-4 as Qwen2.5-Math's grader): a decimal within
+    1e-4 of the gold (relative) is right, one just outside is wrong; two exact numbers compare exactly."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from tests.conftest import ROOT
+
+    node = OmegaConf.load(ROOT / "conf" / "verifier" / "math_verify.yaml")
+    assert node.rel_tol == 1e-4
+    cases = [  # (prediction, gold, right at 1e-4): relative differences 9.0e-5, 1.1e-4, 8.1e-5, 2.0e-4, 9.0e-5, 1.1e-4
+        ("1000.09", "1000", True), ("1000.11", "1000", False), ("12346.0", "12345", True), ("12347.5", "12345", False),
+        ("999.91", "1000", True), ("999.89", "1000", False),
+        ("12346", "12345", False),  # two integers: exact, whatever the tolerance
+        ("1000.0", "1000", True),
+    ]
+    preds, golds = [boxed(p) for p, _, _ in cases], [g for _, g, _ in cases]
+    with instantiate(node) as v, instantiate(node, rel_tol=0.0) as exact:
+        assert v.verify_batch(preds, golds) == [want for _, _, want in cases]
+        assert exact.verify_batch(preds, golds) == [p == "1000.0" for p, _, _ in cases]
