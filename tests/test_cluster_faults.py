@@ -260,13 +260,13 @@ FULL_DISK = r"""
 set -u
 mount -t tmpfs -o size=8m tmpfs "$SMALL" || exit 90
 cd "$ROOT"
-"$PY" -m alignlab.cli $ARGS hydra.run.dir="$SMALL/run" >/dev/null 2>"$OUT/1.err"; echo $? >"$OUT/1.rc"
+"$PY" -m alignlab.cli $ARGS hydra.run.dir="$SMALL/run" >"$OUT/1.err" 2>&1; echo $? >"$OUT/1.rc"
 cp -a "$SMALL/run" "$OUT/after_checkpoint"
 head -c $(( $(df --output=avail -B1 "$SMALL" | tail -1) - 4096 )) /dev/zero > "$SMALL/filler" 2>/dev/null
-"$PY" -m alignlab.cli $ARGS hydra.run.dir="$SMALL/run" resume=true >/dev/null 2>"$OUT/2.err"; echo $? >"$OUT/2.rc"
+"$PY" -m alignlab.cli $ARGS hydra.run.dir="$SMALL/run" resume=true >"$OUT/2.err" 2>&1; echo $? >"$OUT/2.rc"
 cp -a "$SMALL/run" "$OUT/after_json"
 rm -f "$SMALL/filler"; mount -o remount,size=64m "$SMALL"
-"$PY" -m alignlab.cli $ARGS hydra.run.dir="$SMALL/run" resume=true >/dev/null 2>"$OUT/3.err"; echo $? >"$OUT/3.rc"
+"$PY" -m alignlab.cli $ARGS hydra.run.dir="$SMALL/run" resume=true >"$OUT/3.err" 2>&1; echo $? >"$OUT/3.rc"
 cp -a "$SMALL/run" "$OUT/final"
 """
 
