@@ -71,7 +71,8 @@ class DeepSpeedTrainer:
                  log_every: int = 10, gradient_checkpointing: bool = False, optimizer: str = "torch",
                  checkpoint_every: int = 50, launcher: str = "torchrun", hostfile: str | None = None,
                  master_port: int | None = None, threads_per_rank: int = 0, keep_workdir: bool = False,
-                 grad_stats: bool = False, deepspeed: dict[str, Any] | None = None) -> None:
+                 grad_stats: bool = False, deepspeed: dict[str, Any] | None = None,
+                 max_steps: int | None = None) -> None:
         for k, v in {"lr": lr, "epochs": epochs, "micro_batch_size": 1 if micro_batch_size is None else micro_batch_size,
                      "grad_accum": grad_accum,
                      "max_length": max_length, "max_grad_norm": max_grad_norm}.items():
@@ -81,6 +82,8 @@ class DeepSpeedTrainer:
             raise ValueError(f"ranks must be >= 1 (or null: all GPUs of the node, 1 on CPU), got {ranks}")
         if not 0 <= warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        if max_steps is not None and int(max_steps) < 1:
+            raise ValueError(f"max_steps must be >= 1 or null, got {max_steps}")
         if checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0 (0 = never), got {checkpoint_every}")
         if threads_per_rank < 0:
@@ -112,6 +115,7 @@ class DeepSpeedTrainer:
             checkpoint_every
         self.launcher, self.master_port = launcher, master_port
         self.threads_per_rank, self.keep_workdir = threads_per_rank, keep_workdir
+        self.max_steps = None if max_steps is None else int(max_steps)  # a step budget, as trainer=torch's
         self.ds_config = self._resolve(deepspeed)
         # per-micro-batch gradients need full weights on every rank: with ZeRO-3 the diagnostic is skipped (warned)
         self.grad_stats = grad_stats and self.zero_stage < 3
@@ -285,7 +289,7 @@ class DeepSpeedTrainer:
                 "weight_decay": self.weight_decay, "max_grad_norm_abort": self.max_grad_norm_abort,
                 "gradient_checkpointing": self.gradient_checkpointing, "optimizer": self.optimizer,
                 "checkpoint_every": self.checkpoint_every, "threads": self._threads(), "grad_stats": self.grad_stats,
-                "ds_config": self.ds_config}
+                "max_steps": self.max_steps, "ds_config": self.ds_config}
 
     def _threads(self) -> int:
         if self.threads_per_rank:

@@ -188,6 +188,8 @@ def run_train(work: Path, job: dict[str, Any]) -> None:
                        grad_vector=grad_vector, rank=rank, world=world)
     state.draw_size = cbs.draw_size(state.batch_size)
     plan = batch_plan(enc, state.draw_size, job["epochs"], job["seed"])  # TorchTrainer's very plan
+    if job.get("max_steps") is not None:  # its first max_steps steps, as TorchTrainer; the schedule spans them
+        plan = plan[: int(job["max_steps"]) * ga]
     total_steps = max(1, math.ceil(len(plan) / ga))
     warm = int(job["warmup_ratio"] * total_steps)
 
@@ -241,7 +243,12 @@ def run_train(work: Path, job: dict[str, Any]) -> None:
         sums = torch.zeros(len(keys), dtype=torch.float64, device=device)
         step_tokens = 0
         acc_grad[:] = [torch.zeros(n_params, device=device)] if grad_stats else []
-        for m in range(ga):
+        if n_pairs == 0:  # a filter kept nothing this step (every rank sees the same n_pairs): no gradient, so, as
+            # TorchTrainer (AdamW skips parameters without .grad), no optimiser update, not even momentum or weight
+            # decay; the schedule still advances, and the step's record has no loss
+            vals_h = {"grad_norm": 0.0, **cbs.step_end(state)}
+            sched.step()
+        for m in range(ga if n_pairs else 0):
             batch = group[m] if m < len(group) else []
             idx = shard(batch, rank, world)
             if idx:
@@ -273,12 +280,13 @@ def run_train(work: Path, job: dict[str, Any]) -> None:
                     raise NonFiniteLossError(f"step {step}: loss={vals_h['loss']} (non-finite)")
                 extra_h = cbs.step_end(state)  # before the optimiser step, as in TorchTrainer
             engine.step()
-        gnorm = engine.get_global_grad_norm()
-        vals_h["grad_norm"] = float(gnorm) if gnorm is not None else float("nan")
-        vals_h.update(extra_h)
+        if n_pairs:
+            gnorm = engine.get_global_grad_norm()
+            vals_h["grad_norm"] = float(gnorm) if gnorm is not None else float("nan")
+            vals_h.update(extra_h)
         if not math.isfinite(vals_h["grad_norm"]) or vals_h["grad_norm"] > job["max_grad_norm_abort"]:
             raise NonFiniteLossError(
-                f"step {step}: loss={vals_h['loss']}, grad_norm={vals_h['grad_norm']} (non-finite or above "
+                f"step {step}: loss={vals_h.get('loss')}, grad_norm={vals_h['grad_norm']} (non-finite or above "
                 f"trainer.max_grad_norm_abort={job['max_grad_norm_abort']})")
         vals_h.update(step=step, lr=sched.get_last_lr()[0])
         history.append(vals_h)
