@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from alignlab import config as C
 from alignlab import preempt
 from alignlab.checks import check_inputs
+from alignlab.eval import eval_log_keys, write_sample_logs
 from alignlab.models import ModelSpec, checkpoint_params, load_tokenizer
 from alignlab.records import RESUMED_IN, atomic_write_text
 from alignlab.runlock import RunLock
@@ -98,10 +99,11 @@ def rounds(run: Run) -> dict[str, Any]:
                                "model": base_dir, "rounds": []}
     if cfg.base_eval:
         base = json_stage(run.out_dir / "base_eval.json",
-                          lambda: run.evaluator.evaluate(base_dir, run.gen, run.spec, run.tok, run.heldout))
+                          lambda: write_sample_logs(run.evaluator.evaluate(base_dir, run.gen, run.spec, run.tok,
+                                                                           run.heldout), run.out_dir))
         summary["base"] = base
         log.info("base accuracy %.3f ± %.3f (n=%d)", base["accuracy"], base["se"], base["n"])
-        run.logger.log({"eval/accuracy": base["accuracy"], "round": 0})
+        run.logger.log({"eval/accuracy": base["accuracy"], **eval_log_keys(base), "round": 0})
     start_dir = base_dir
     for k in range(1, cfg.rounds + 1):
         rnd = Round(run, k, start_dir)

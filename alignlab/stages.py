@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from alignlab.eval import eval_log_keys, write_sample_logs
 from alignlab.ledger import LEDGER_KEYS as REPORTED_KEYS
 from alignlab.pairs import group_by_problem
 from alignlab.records import (
@@ -334,7 +335,8 @@ def train_stage(r: Round) -> None:
 def eval_stage(r: Round) -> None:
     run = r.run
     r.eval = json_stage(r.rd / "eval.json",
-                        lambda: run.evaluator.evaluate(str(r.ckpt), run.gen, run.spec, run.tok, run.heldout))
+                        lambda: write_sample_logs(run.evaluator.evaluate(str(r.ckpt), run.gen, run.spec, run.tok,
+                                                                         run.heldout), r.rd))
 
 
 def metrics_stage(r: Round) -> None:
@@ -346,7 +348,8 @@ def metrics_stage(r: Round) -> None:
     r.entry = {"round": r.k, "eval": ev, "pairs": len(r.pairs), "selected": n_selected, "ledger": r.ledger.totals(),
                "diagnostics": diag, "train": info, **run.verifier.pair_stats([s.pair for s in r.selected])}
     atomic_write_text(r.rd / "metrics.json", json.dumps(r.entry, indent=1))
-    run.logger.log({"round": r.k, "eval/accuracy": ev["accuracy"], "pairs": len(r.pairs), "selected": n_selected,
+    run.logger.log({"round": r.k, "eval/accuracy": ev["accuracy"], **eval_log_keys(ev), "pairs": len(r.pairs),
+                    "selected": n_selected,
                     **{f"ledger/{a}": b for a, b in r.entry["ledger"].items() if a in LEDGER_KEYS},
                     **{f"diag/{a}": b for a, b in diag.items()},
                     **{f"train_round/{a}": b for a, b in info.items() if isinstance(b, (int, float))}})

@@ -15,18 +15,22 @@ from typing import Any
 from alignlab import hub
 from alignlab.checks import check_benchmarks
 from alignlab.data.benchmarks import BENCHMARKS, load_benchmark, load_benchmark_from
-from alignlab.eval import FINISHED_WARN, accuracy_se, greedy_eval
+from alignlab.eval import FINISHED_WARN, SAMPLE_LOG_KEY, SampledEvalMixin, accuracy_se
 from alignlab.records import Problem
 
 DEFAULT_ROOT = os.environ.get("ALIGNLAB_BENCHMARKS", str(Path(__file__).resolve().parents[3] / "shared" / "data"
                                                           / "benchmarks"))
 
 
-class MathSuiteEval:
-    """Greedy pass@1 over each benchmark; ``limit`` keeps the first k problems of each."""
+class MathSuiteEval(SampledEvalMixin):
+    """Greedy pass@1 over each benchmark; ``limit`` keeps the first k problems of each; ``samples=k`` adds avg@k,
+    pass@k and maj@k per benchmark, ``log_samples`` a ``samples_<benchmark>.jsonl`` per benchmark."""
 
     def __init__(self, benchmarks: list[str] | None = None, root: str = DEFAULT_ROOT, limit: int | None = None,
-                 verifier: Any = None, strict: bool = False, sources: dict[str, Any] | None = None) -> None:
+                 verifier: Any = None, strict: bool = False, sources: dict[str, Any] | None = None,
+                 samples: int = 0, temperature: float = 0.6, top_p: float = 0.95, pass_k: list[int] | None = None,
+                 log_samples: bool = False) -> None:
+        self._set_sampling(samples, temperature, top_p, pass_k, log_samples)
         names = list(benchmarks or BENCHMARKS)
         bad = [b for b in names if b not in BENCHMARKS]
         if bad:
@@ -57,24 +61,23 @@ class MathSuiteEval:
     def evaluate(self, model_dir, generator, spec, tokenizer, problems: list[Problem] | None = None
                  ) -> dict[str, Any]:
         per: dict[str, dict[str, Any]] = {}
+        logs: dict[str, list[dict[str, Any]]] = {}
         everything: list[bool] = []
         finished = 0.0
         for name in self.benchmarks:
             src = self.sources.get(name)
             probs = (load_benchmark_from(name, src["path"], src.get("split", "test"), src.get("config"), self.strict)
                      if src else load_benchmark(name, self.root, strict=self.strict))[: self.limit or None]
-            correct, outs, info = greedy_eval(model_dir, generator, spec, tokenizer, probs, self.verifier, name)
-            acc, se = accuracy_se(correct)
-            per[name] = {"accuracy": acc, "n": len(probs), "se": se, **info,
-                         "generated_tokens": sum(o[0].tokens for o in outs)}
+            per[name], correct, logs[name] = self._evaluate_set(model_dir, generator, spec, tokenizer, probs, name)
             everything += correct
-            finished += info["finished_rate"] * len(probs)
+            finished += per[name]["finished_rate"] * len(probs)
         macro = sum(v["accuracy"] for v in per.values()) / len(per)
         acc, se = accuracy_se(everything)
         return {"accuracy": macro, "se": se, "n": len(everything), "micro_accuracy": acc, "benchmarks": per,
                 "by_difficulty": {k: v["accuracy"] for k, v in per.items()},
                 "finished_rate": finished / max(1, len(everything)),
-                "max_new_tokens": int(getattr(generator, "max_new_tokens", 0))}
+                "max_new_tokens": int(getattr(generator, "max_new_tokens", 0))} | (
+                    {SAMPLE_LOG_KEY: logs} if self.log_samples else {})
 
     @staticmethod
     def format_table(res: dict[str, Any]) -> str:
@@ -85,6 +88,13 @@ class MathSuiteEval:
         row = "| " + " | ".join(f"{100 * v['accuracy']:.2f} ± {100 * v['se']:.2f}" for v in per.values()) + \
               f" | {100 * res['accuracy']:.2f} |"
         lines = [head, sep, row]
+        k = next((v["samples"] for v in per.values() if v.get("samples")), 0)
+        for m in ([f"avg@{k}", *(f"pass@{j}" for j in sorted({int(x.split("@")[1]) for v in per.values()
+                                                              for x in v if x.startswith("pass@")
+                                                              and not x.endswith("_se")})), f"maj@{k}"]
+                  if k else []):
+            lines.append("| " + " | ".join(f"{m} {100 * v[m]:.2f} ± {100 * v[m + '_se']:.2f}" for v in per.values())
+                         + f" | {m} {100 * sum(v[m] for v in per.values()) / len(per):.2f} |")
         if any("finished_rate" in v for v in per.values()):
             lines.append("| " + " | ".join(f"finished {100 * v.get('finished_rate', 1.0):.0f}%"
                                            + (" (!)" if v.get("finished_rate", 1.0) < FINISHED_WARN else "")
