@@ -262,6 +262,8 @@ def verify_stage(r: Round) -> None:
             x.verdict, x.extracted = v.correct, v.extracted
             if v.true_correct is not None:
                 x.meta["true_verdict"] = v.true_correct
+            if getattr(v, "score", None) is not None:  # verifier=reward_fn: the scalar reward behind the verdict
+                x.meta["reward"] = v.score if abs(v.score) != float("inf") else None  # strict JSON
         return r.rollouts, {}
 
     r.verdicts = jsonl_stage(r.rd / "verdicts.jsonl", Rollout, r.ledger, "verify", do_verify)

@@ -6,6 +6,7 @@ off the main thread, hard per-item timeout); ``ArithExactVerifier`` grades the e
 """
 
 from alignlab.verify.extract import answer_key, extract_answer, extract_boxed, normalize_answer, parse_number
+from alignlab.verify.reward_fn import RewardFnVerifier
 from alignlab.verify.verifiers import (
     ArithExactVerifier,
     HackableVerifier,
@@ -22,6 +23,7 @@ __all__ = [
     "ArithExactVerifier",
     "NoisyVerifier",
     "HackableVerifier",
+    "RewardFnVerifier",
     "extract_answer",
     "extract_boxed",
     "normalize_answer",

@@ -23,6 +23,7 @@ class Verdict:
     correct: bool
     extracted: str | None
     true_correct: bool | None = None
+    score: float | None = None  # the scalar reward behind ``correct`` (verifier=reward_fn), else None
 
 
 @runtime_checkable
