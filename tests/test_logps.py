@@ -19,8 +19,7 @@ from alignlab.records import Pair
 ATOL = 2e-4
 
 
-@torch.no_grad()
-def unbatched_token_logps(model, tok, prompt: str, response: str, max_len: int = 1024) -> torch.Tensor:
+def token_logps_with_grad(model, tok, prompt: str, response: str, max_len: int = 1024) -> torch.Tensor:
     """Per-token log-probs of ``response`` + ``<|im_end|>`` after ``prompt``: one sequence, no padding."""
     p = tok(prompt, add_special_tokens=False)["input_ids"]
     full = (p + tok(response, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")])
@@ -28,6 +27,9 @@ def unbatched_token_logps(model, tok, prompt: str, response: str, max_len: int =
     logits = model(input_ids=torch.tensor([full])).logits[0].double()
     logp = torch.log_softmax(logits, dim=-1)
     return torch.stack([logp[k - 1, full[k]] for k in range(len(p), len(full))])
+
+
+unbatched_token_logps = torch.no_grad()(token_logps_with_grad)
 
 
 def _pairs(tok, n: int = 6) -> list[Pair]:
