@@ -11,7 +11,6 @@ import hashlib
 import json
 import re
 import shutil
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -168,7 +167,7 @@ def _fmt(s: str, files: dict[str, Path]) -> str:
 
 
 def _start(files: dict[str, Path], case: tuple) -> dict:
-    """One rejected start against its own copy of the run directory: exit code, output, time, before/after."""
+    """One rejected start against its own copy of the run directory: exit code, output, before/after."""
     cid, args, _ = case
     run = files["t"] / "cases" / re.sub(r"\W", "_", cid) / "run"
     shutil.copytree(files["run"], run)
@@ -178,10 +177,8 @@ def _start(files: dict[str, Path], case: tuple) -> dict:
         if not any(a.startswith("hydra.run.dir=") for a in args):
             args.append(f"hydra.run.dir={run}")
     before = _snapshot(run)
-    t0 = time.time()
     res = alignlab(*args, check=False, timeout=60)
-    return {"rc": res.returncode, "out": (res.stdout + res.stderr).strip(), "took": time.time() - t0,
-            "unchanged": _snapshot(run) == before}
+    return {"rc": res.returncode, "out": (res.stdout + res.stderr).strip(), "unchanged": _snapshot(run) == before}
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +196,8 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(files, results, case):
     r = results[case[0]]
     out, last = r["out"], (r["out"].splitlines() or [""])[-1]
     assert r["rc"] == 2, out[-2000:]
-    assert r["took"] < 30, f"took {r['took']:.1f} s"
+    # rejected before any work (not a clock): no model generated, no stage ran
+    assert not any(m in out for m in ("greedy", "sample n=", "base accuracy", "round_1 ")), out[-2000:]
     assert _fmt(case[2], files) in last, out[-2000:]
     assert "Traceback" not in out
     assert r["unchanged"], "a rejected start changed the run directory"
