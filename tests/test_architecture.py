@@ -54,7 +54,10 @@ def test_a_pair_builder_added_from_a_directory_outside_the_package_runs_a_round(
     assert json.loads((out / "summary.json").read_text())["rounds"][0]["pairs"] == len(pairs)
 
 
-# Recorded with the code before the runner/training-core refactor (commit 24f0343), same command as below.
+# A REGRESSION GOLDEN: recorded with the code before the runner/training-core refactor (commit 24f0343), same
+# command as below. Its point is "the numbers did not move", not bit-exactness: another CPU type may round a logit
+# differently and flip a sampled token, so it is compared with tolerances (exact equality of two runs on one machine,
+# the determinism claim, is tests/test_reliability.py::test_same_seed_gives_identical_artifacts...).
 QUICKSTART_BEFORE = {
     "base": 0.125,
     "rounds": [  # (accuracy, pairs, selected, generated tokens, trained tokens, forward tokens, final train loss)
@@ -65,17 +68,20 @@ QUICKSTART_BEFORE = {
 
 
 @pytest.mark.slow
-def test_reduced_quickstart_gives_the_numbers_recorded_before_the_refactor(tmp_path):
+def test_reduced_quickstart_numbers_did_not_move_since_the_refactor(tmp_path):
     out = tmp_path / "run"
     alignlab("experiment=quickstart", "rounds=2", "data.train_prompts=24", "data.eval_problems=24", "sampler.n=4",
              "trainer.epochs=1", "trainer.batch_size=4", "logger=none", "threads=1", f"hydra.run.dir={out}")
     s = json.loads((out / "summary.json").read_text())
-    assert s["base"]["accuracy"] == QUICKSTART_BEFORE["base"]
-    got = [(r["eval"]["accuracy"], r["pairs"], r["selected"], r["ledger"]["generated_tokens"],
-            r["ledger"]["trained_tokens"], r["ledger"]["forward_tokens"]) for r in s["rounds"]]
-    assert got == [row[:6] for row in QUICKSTART_BEFORE["rounds"]]
-    for r, row in zip(s["rounds"], QUICKSTART_BEFORE["rounds"]):
-        assert r["train"]["loss"] == pytest.approx(row[6], abs=1e-5)
+    one = 1 / 24  # one held-out problem
+    assert s["base"]["accuracy"] == pytest.approx(QUICKSTART_BEFORE["base"], abs=one + 1e-9)
+    for r, row in zip(s["rounds"], QUICKSTART_BEFORE["rounds"], strict=True):
+        acc, pairs, selected, gen, trained, forward, loss = row
+        assert r["eval"]["accuracy"] == pytest.approx(acc, abs=one + 1e-9)
+        assert abs(r["pairs"] - pairs) <= 1 and abs(r["selected"] - selected) <= 1
+        for key, want in (("generated_tokens", gen), ("trained_tokens", trained), ("forward_tokens", forward)):
+            assert r["ledger"][key] == pytest.approx(want, rel=0.03), key  # a flipped sample or two, no more
+        assert r["train"]["loss"] == pytest.approx(loss, abs=1e-3)
 
 
 def test_a_private_api_at_an_untested_version_fails_naming_library_version_and_range(monkeypatch):
