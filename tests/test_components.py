@@ -369,3 +369,36 @@ def test_mixed_policy_sampler_draws_base_samples_from_the_base_checkpoint(tiny_d
     for x in same:
         own, other = logp(models[x.source], x), logp(models["policy" if x.source == "base" else "base"], x)
         assert abs(x.logprob_sum - own) < 1e-3 and abs(x.logprob_sum - other) > 1e-2, (x.source, own, other)
+
+
+# chi-square 0.999 quantiles by degrees of freedom (a fixed table: the draws are seeded, so the test is deterministic;
+# the level says how unlikely a correct sampler would be to fail with other seeds)
+CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32}
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(0.7, 1.0), (1.3, 1.0), (1.0, 0.8), (0.7, 0.9)])
+def test_sampled_token_frequencies_follow_transformers_temperature_and_top_p(temperature, top_p):
+    """20000 draws of the sampler's Gumbel-max step (one per seed) against the distribution transformers' own
+    TemperatureLogitsWarper + TopPLogitsWarper define, by a chi-square test; the same draws reject the untempered
+    distribution, so the test can tell temperatures apart."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    n = 20_000
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -2.0]])
+    logp = torch.log_softmax(logits, -1)
+    picks = HFGenerator(temperature=temperature, top_p=top_p)._sample(logp.expand(n, -1), torch.arange(n), 3)
+    counts = torch.bincount(picks, minlength=8).double()
+
+    def chi2(logits_ref: torch.Tensor) -> tuple[float, int]:
+        p = torch.softmax(logits_ref, -1)[0].double()
+        keep = p > 0
+        assert counts[~keep].sum() == 0  # nothing outside the nucleus
+        e = n * p[keep]
+        return float(((counts[keep] - e) ** 2 / e).sum()), int(keep.sum()) - 1
+
+    warped = TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(temperature)(None, logp.clone()))
+    stat, df = chi2(warped)
+    assert stat < CHI2_999[df], (stat, df, counts.tolist())
+    if top_p == 1.0:
+        wrong, df1 = chi2(logp)
+        assert wrong > CHI2_999[df1], wrong  # temperature 1 is rejected by the same draws
