@@ -141,6 +141,15 @@ def test_two_rounds_reference_chain_and_ledger(tiny_dir, tmp_path, reference):
     for k in (1, 2):
         got = _check_round(tmp_path, k)
         assert got["reference"] > 0
+        # the diagnostics the curriculum reads, from the round's verdicts: per prompt, the share of right samples
+        verdicts = read_jsonl(tmp_path / f"round_{k}" / "verdicts.jsonl", Rollout)
+        by_prompt: dict[str, list[bool]] = {}
+        for r in verdicts:
+            by_prompt.setdefault(r.problem_id, []).append(bool(r.verdict))
+        diag = json.loads((tmp_path / f"round_{k}" / "metrics.json").read_text())["diagnostics"]
+        rates = [sum(v) / len(v) for v in by_prompt.values()]
+        assert diag["mean_pass_rate"] == pytest.approx(sum(rates) / len(rates))
+        assert diag["pass_at_k"] == pytest.approx(sum(r > 0 for r in rates) / len(rates))
     rd, pi1 = tmp_path / "round_2", tmp_path / "round_1" / "checkpoint"
     pairs = [s.pair for s in read_jsonl(rd / "selected.jsonl", Selected)]
     tok = load_tokenizer(tiny_dir)
