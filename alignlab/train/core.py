@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import math
 import random
+import resource
 import shutil
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -102,6 +105,80 @@ def build_schedule(opt: torch.optim.Optimizer, warmup: int, total: int,
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: fn(s, warmup, total))
 
 
+# -- LoRA (peft) -----------------------------------------------------------------------------------------------------
+
+ADAPTER_DIR = "adapter"  # a LoRA round's adapter, inside its (merged) checkpoint directory
+
+
+@dataclass
+class LoraSettings:
+    """``trainer.lora``: train LoRA adapters (peft) instead of every weight; off by default.
+
+    The adapter on a weight ``W`` adds ``(alpha / r) * B @ A`` (``A``: r x in, ``B``: out x r, ``B`` starts at 0,
+    so the round starts at the policy it loaded). ``target_modules``: module names (``[q_proj, v_proj]``) or
+    peft's ``all-linear`` (every linear layer but the output head).
+    """
+
+    enabled: bool = False
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+
+    def __post_init__(self) -> None:
+        if int(self.r) < 1:
+            raise ValueError(f"trainer.lora.r must be >= 1, got {self.r}")
+        if not float(self.alpha) > 0:
+            raise ValueError(f"trainer.lora.alpha must be > 0, got {self.alpha}")
+        if not 0 <= float(self.dropout) < 1:
+            raise ValueError(f"trainer.lora.dropout must be in [0, 1), got {self.dropout}")
+        if not isinstance(self.target_modules, str):
+            self.target_modules = [str(m) for m in self.target_modules]
+            if not self.target_modules:
+                raise ValueError("trainer.lora.target_modules: name at least one module, or all-linear")
+
+    @classmethod
+    def of(cls, value: LoraSettings | dict[str, Any] | None) -> LoraSettings:
+        """Settings from config (a mapping), as given, or off (None)."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        unknown = set(value) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"trainer.lora: unknown key(s) {sorted(unknown)}; known: {list(cls.__dataclass_fields__)}")
+        return cls(**dict(value))
+
+
+def apply_lora(model: torch.nn.Module, lora: LoraSettings) -> torch.nn.Module:
+    """``model`` wrapped with fresh LoRA adapters (peft): only the adapters require grad; the base is frozen."""
+    try:
+        import peft  # optional: `pip install 'alignlab[lora]'`
+    except ImportError as e:
+        raise ImportError("trainer.lora.enabled=true needs peft: pip install -c constraints.txt 'alignlab[lora]'") from e
+    cfg = peft.LoraConfig(r=int(lora.r), lora_alpha=float(lora.alpha), lora_dropout=float(lora.dropout),
+                          target_modules=lora.target_modules, bias="none", task_type="CAUSAL_LM")
+    try:
+        return peft.get_peft_model(model, cfg)
+    except ValueError as e:  # e.g. target modules not found in the model
+        raise ValueError(f"trainer.lora.target_modules={lora.target_modules!r}: {e}") from e
+
+
+def is_lora(model: Any) -> bool:
+    """True for a peft model carrying adapters (what :func:`apply_lora` returns)."""
+    return hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
+
+
+def trainable_params(model: torch.nn.Module) -> int:
+    """Parameters the optimiser updates (all of them in full fine-tuning; the adapters' with LoRA)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far, in MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 # -- checkpoints ---------------------------------------------------------------------------------------------------
 
 def save_checkpoint(model, tok, out: str | Path, source_dir: str | Path | None = None,
@@ -110,7 +187,10 @@ def save_checkpoint(model, tok, out: str | Path, source_dir: str | Path | None =
 
     ``alignlab_model.json`` (which model config the weights go with) is carried over from ``source_dir``, so
     ``alignlab eval`` prompts the checkpoint as the run did; ``extra_files`` (name -> text) are written beside
-    the weights (they win over the carried file). ``state_dict``: weights gathered elsewhere (ZeRO-3).
+    the weights (they win over the carried file). ``state_dict``: weights gathered elsewhere (ZeRO-3). A LoRA
+    model (:func:`apply_lora`) is written merged (``W + (alpha/r) B A``: a plain HF directory that generation,
+    vLLM and ``alignlab eval`` load as any other), its adapter in the ``adapter/`` subdirectory; ``model`` is
+    merged in place.
     """
     from alignlab.models import resolve_path
 
@@ -119,6 +199,9 @@ def save_checkpoint(model, tok, out: str | Path, source_dir: str | Path | None =
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
+        if is_lora(model):
+            model.save_pretrained(tmp / ADAPTER_DIR)  # adapter_config.json + adapter_model.safetensors
+            model = model.merge_and_unload()
         for obj, kw in ((model, {"safe_serialization": True, "state_dict": state_dict}), (tok, {})):
             obj.save_pretrained(tmp, **kw)  # the weights (safetensors), then the tokenizer
         meta = resolve_path(str(source_dir)) / "alignlab_model.json" if source_dir else None
