@@ -331,7 +331,8 @@ def test_rollout_diagnostics_on_hand_built_rollouts():
     d = rollout_diagnostics(probs, rs)
     want = {"pass_at_k": 2 / 3, "mean_pass_rate": (2 / 3 + 0 + 1) / 3, "distinct_answers": (2 + 2 + 1) / 3,
             "token_entropy": (0.5 + 1.0 + 1.5 + 2.0 + 3.0 + 4.0) / 6, "finished_rate": 4 / 6,
-            "all_correct": 1 / 3, "all_wrong": 1 / 3}
+            "all_correct": 1 / 3, "all_wrong": 1 / 3,
+            "pool_pass_rate": 2 / 3}  # the prompts with both right and wrong samples: p1 only
     assert d == pytest.approx(want, abs=1e-12) and set(d) == set(want)
 
 
