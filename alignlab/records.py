@@ -29,6 +29,7 @@ class Problem:
     answer: str
     difficulty: int = 0
     source: str = ""
+    data_source: str = ""  # verl's data_source column (data=verl / data=hf): picks verifier=reward_fn's route
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Rollout:
     source: str = "policy"  # "policy" | "refined"
     sample_index: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
+    data_source: str = ""  # its problem's data_source (set by the sample stage)
 
 
 @dataclass

@@ -36,6 +36,7 @@ from alignlab.records import (
 )
 from alignlab.sampling import SampleContext
 from alignlab.train.pair_count import TrainedPairs
+from alignlab.verify import check_with_sources
 
 log = logging.getLogger("alignlab")
 # forward_tokens: every token through a model (prompts included); trained_pairs: pair instances trained on
@@ -243,6 +244,9 @@ def sample_stage(r: Round) -> None:
     def do_sample():
         run.gen.forward_tokens = 0
         rs = run.sampler.sample(r.problems, ctx)
+        source = {p.id: p.data_source for p in r.problems}
+        for x in rs:  # kept on each rollout, so verdicts.jsonl says which reward route graded it
+            x.data_source = source.get(x.problem_id, "")
         if gated["forward_tokens"]:  # its own ledger entry (its wall time is inside the sample stage's)
             r.ledger.record("proximity", wall_s=0.0, forward_tokens=gated["forward_tokens"],
                             flops=2.0 * run.n_params * gated["forward_tokens"], ranks=run.trainer.world_size())
@@ -255,10 +259,13 @@ def sample_stage(r: Round) -> None:
 
 def verify_stage(r: Round) -> None:
     gold = {p.id: p.answer for p in r.problems}
+    source = {p.id: p.data_source for p in r.problems}
 
     def do_verify():
         todo = [x for x in r.rollouts if x.verdict is None]
-        for x, v in zip(todo, r.run.verifier.check([x.text for x in todo], [gold[x.problem_id] for x in todo])):
+        for x, v in zip(todo, check_with_sources(r.run.verifier, [x.text for x in todo],
+                                                 [gold[x.problem_id] for x in todo],
+                                                 [source[x.problem_id] for x in todo])):
             x.verdict, x.extracted = v.correct, v.extracted
             if v.true_correct is not None:
                 x.meta["true_verdict"] = v.true_correct

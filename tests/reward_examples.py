@@ -20,3 +20,14 @@ def boxed_reward(completions, ground_truth, **kwargs):
         m = re.findall(r"\\boxed\{([^{}]*)\}", c)
         out.append(None if not m else (1.0 if m[-1].strip() == str(g) else -1.0))
     return out
+
+
+def last_number_score(data_source, solution_str, ground_truth, extra_info=None):
+    """verl shape: 1.0 when the last number in the response is the ground truth, else 0.0."""
+    m = re.findall(r"-?\d+", solution_str)
+    return float(bool(m) and m[-1] == str(ground_truth))
+
+
+def length_reward(completions, **kwargs):
+    """TRL shape: the response's length in characters / 100 (a stand-in for a learned reward model's score)."""
+    return [len(c) / 100 for c in completions]

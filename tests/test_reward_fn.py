@@ -73,3 +73,39 @@ def test_a_round_graded_by_a_trl_reward_func_keeps_each_score(tmp_path):
     assert [r["meta"]["reward"] for r in rows] == want  # None: the function gave no reward
     assert [r["verdict"] for r in rows] == [w is not None and w >= 0 for w in want]
     assert 0 < sum(r["verdict"] for r in rows) < len(rows)  # both kinds, so pairs could be built
+
+
+@pytest.mark.slow
+def test_a_verl_parquet_round_routes_each_data_source_to_its_own_function(tmp_path):
+    """data=verl's data_source column reaches the verifier in a real round: two sources, two functions, no
+    fallback fn (a problem whose data_source were lost would have no route and stop the run)."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from alignlab.data.arith import ArithDataset
+    from tests.conftest import TINY_RUN, alignlab
+
+    problems = ArithDataset(train_prompts=40, eval_problems=12, seed=3).train(1)
+    rows = [{"data_source": "arith_a" if i % 2 else "arith_b", "prompt": [{"role": "user", "content": p.prompt}],
+             "ability": "math", "reward_model": {"style": "rule", "ground_truth": p.answer},
+             "extra_info": {"split": "train", "index": i}} for i, p in enumerate(problems)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
+    run = tmp_path / "run"
+    alignlab("data=verl", f"data.path={tmp_path / 'train.parquet'}", "verifier=reward_fn",
+             "verifier.routes={arith_a: tests.reward_examples.last_number_score, "
+             "arith_b: tests.reward_examples.length_reward}", *TINY_RUN, "rounds=1", "base_eval=false",
+             f"hydra.run.dir={run}")
+    source_of = {f"train.parquet:train/{r['extra_info']['index']}": r["data_source"] for r in rows}
+    gold = {p["id"]: p["answer"] for p in map(json.loads, (run / "round_1" / "prompts.jsonl").read_text().splitlines())}
+    got = [json.loads(line) for line in (run / "round_1" / "verdicts.jsonl").read_text().splitlines()]
+    assert {source_of[r["problem_id"]] for r in got} == {"arith_a", "arith_b"}
+    for r in got:
+        src = source_of[r["problem_id"]]
+        assert r["data_source"] == src  # kept on the rollout
+        want = (ex.last_number_score(src, r["text"], gold[r["problem_id"]]) if src == "arith_a"
+                else ex.length_reward([r["text"]])[0])
+        assert r["meta"]["reward"] == want and r["verdict"] == (want >= 0.5)
+    assert len({r["meta"]["reward"] for r in got if source_of[r["problem_id"]] == "arith_b"}) > 2  # lengths, not 0/1
+    assert math.isfinite(json.loads((run / "round_1" / "eval.json").read_text())["accuracy"])  # held-out rows routed

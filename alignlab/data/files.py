@@ -2,8 +2,10 @@
 
 ``path`` is a hub dataset id (``openai/gsm8k``), a local ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` file,
 or a local directory of such files (``train.parquet`` + ``test.parquet``, as verl and OpenRLHF users keep them).
-Which column is the prompt, the gold answer, the id and the difficulty is config (dotted keys reach into nested
-columns: verl's ``reward_model.ground_truth``); a prompt column holding chat messages uses its last user turn.
+Which column is the prompt, the gold answer, the id, the difficulty and the data source is config (dotted keys reach
+into nested columns: verl's ``reward_model.ground_truth``); a prompt column holding chat messages uses its last user
+turn. The data source (verl's ``data_source`` column) travels with each problem to the verifier, where
+``verifier=reward_fn`` routes by it.
 Round k takes the k-th slice of a seeded order, as ``data=gsm8k`` does. Held-out problems come from
 ``heldout_path`` (or ``heldout_split`` of the same source) when given, else ``eval_problems`` rows are set aside
 from the training source and never trained on.
@@ -93,7 +95,8 @@ def gold_of(value: Any, answer_format: str) -> str | None:
 
 
 def to_problems(rows: list[dict], source: str, prompt_key: str, answer_key: str, id_key: str | None,
-                difficulty_key: str | None, answer_format: str, strict: bool = False) -> list[Problem]:
+                difficulty_key: str | None, answer_format: str, strict: bool = False,
+                data_source_key: str | None = None) -> list[Problem]:
     """Rows -> Problems; a row without a usable prompt or answer is skipped with a warning (an error if strict)."""
     out, skipped = [], 0
     for i, row in enumerate(rows):
@@ -114,8 +117,9 @@ def to_problems(rows: list[dict], source: str, prompt_key: str, answer_key: str,
         except (TypeError, ValueError):  # "Level 3" (MATH) -> 3
             digits = "".join(c for c in str(diff) if c.isdigit())
             diff = int(digits) if digits else 0
+        data_source = get_key(row, data_source_key) if data_source_key else None
         out.append(Problem(id=f"{source}/{uid if uid is not None else i}", prompt=prompt.strip(), answer=gold,
-                           difficulty=diff, source=source))
+                           difficulty=diff, source=source, data_source="" if data_source is None else str(data_source)))
     if skipped:
         log.warning("%s: skipped %d row(s) without a prompt or answer, kept %d", source, skipped, len(out))
     if not out:
@@ -139,7 +143,8 @@ class FileDataset:
     def __init__(self, path: str, split: str = "train", name: str | None = None, prompt_key: str = "question",
                  answer_key: str = "answer", id_key: str | None = None, difficulty_key: str | None = None,
                  answer_format: str = "plain", train_prompts: int = 512, eval_problems: int = 200, seed: int = 0,
-                 heldout_path: str | None = None, heldout_split: str | None = None, strict: bool = False) -> None:
+                 heldout_path: str | None = None, heldout_split: str | None = None, strict: bool = False,
+                 data_source_key: str | None = "data_source") -> None:
         if train_prompts < 1:
             raise ValueError(f"train_prompts must be >= 1, got {train_prompts}")
         if eval_problems < 0:
@@ -165,7 +170,7 @@ class FileDataset:
                              f"name the held-out file with heldout_path")
         self.path, self.split, self.name = path, split, name
         self.keys = dict(prompt_key=prompt_key, answer_key=answer_key, id_key=id_key, difficulty_key=difficulty_key,
-                         answer_format=answer_format, strict=strict)
+                         answer_format=answer_format, strict=strict, data_source_key=data_source_key)
         self.train_prompts, self.eval_problems, self.seed = train_prompts, eval_problems, seed
         self.heldout_path, self.heldout_split = heldout_path, heldout_split
         self._train: list[Problem] | None = None

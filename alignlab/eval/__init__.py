@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from alignlab.eval.metrics import sampled_metrics
 from alignlab.records import Problem
+from alignlab.verify.verifiers import check_with_sources
 
 
 class Evaluator(Protocol):
@@ -63,7 +64,8 @@ def _graded(model_dir, generator, prompts: list[str], problems: list[Problem], v
 
     outs = generator.generate(model_dir, prompts, n, seed=0 if greedy else 1, greedy=greedy)
     flat = [s for o in outs for s in o]
-    verdicts = verifier.check([s.text for s in flat], [p.answer for p, o in zip(problems, outs) for _ in o])
+    verdicts = check_with_sources(verifier, [s.text for s in flat], [p.answer for p, o in zip(problems, outs) for _ in o],
+                                  [p.data_source for p, o in zip(problems, outs) for _ in o])
     it = iter(verdicts)
     per = [[next(it) for _ in o] for o in outs]
     info: dict[str, Any] = {**finished_stats(flat, getattr(generator, "max_new_tokens", 0)),

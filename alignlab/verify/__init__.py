@@ -14,6 +14,7 @@ from alignlab.verify.verifiers import (
     NoisyVerifier,
     Verdict,
     Verifier,
+    check_with_sources,
 )
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "NoisyVerifier",
     "HackableVerifier",
     "RewardFnVerifier",
+    "check_with_sources",
     "extract_answer",
     "extract_boxed",
     "normalize_answer",

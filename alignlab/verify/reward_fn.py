@@ -94,9 +94,11 @@ class RewardFnVerifier(_Closeable):
 
     def scores(self, predictions: list[str], golds: list[str], data_sources: Sequence[str] | None = None
                ) -> list[float]:
-        """One float per prediction (None and NaN from the function count as -inf: never correct)."""
+        """One float per prediction (None and NaN from the function count as -inf: never correct). An empty
+        or missing data_source is ``self.data_source``."""
         _same_length(predictions, golds)
-        sources = list(data_sources) if data_sources is not None else [self.data_source] * len(predictions)
+        sources = ([s or self.data_source for s in data_sources] if data_sources is not None
+                   else [self.data_source] * len(predictions))
         if len(sources) != len(predictions):
             raise ValueError(f"data_sources: {len(sources)} for {len(predictions)} predictions")
         out: list[float] = [0.0] * len(predictions)

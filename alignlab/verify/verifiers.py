@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 import re
 import threading
@@ -45,6 +46,19 @@ class Verifier(Protocol):
 def _same_length(predictions: list[str], golds: list[str]) -> None:
     if len(predictions) != len(golds):
         raise ValueError(f"predictions and golds differ in length: {len(predictions)} != {len(golds)}")
+
+
+def check_with_sources(verifier: Verifier, predictions: list[str], golds: list[str],
+                       data_sources: list[str] | None) -> list[Verdict]:
+    """``verifier.check``, handing each item's ``data_source`` to a verifier whose ``check`` takes
+    ``data_sources`` (verifier=reward_fn routes by it); other verifiers are called as before."""
+    try:
+        takes = "data_sources" in inspect.signature(verifier.check).parameters
+    except (TypeError, ValueError):
+        takes = False
+    if takes and data_sources is not None:
+        return verifier.check(predictions, golds, data_sources=data_sources)
+    return verifier.check(predictions, golds)
 
 
 class _Closeable:
