@@ -30,6 +30,9 @@ class Problem:
     difficulty: int = 0
     source: str = ""
     data_source: str = ""  # verl's data_source column (data=verl / data=hf): picks verifier=reward_fn's route
+    # the row's own chat when it has more than the one user turn (system turns, few-shot turns); ``prompt`` is its
+    # last user turn, and the prompt is rendered from these turns (ModelSpec.messages)
+    messages: list[dict[str, str]] | None = None
 
 
 @dataclass

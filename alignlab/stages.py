@@ -278,13 +278,13 @@ def verify_stage(r: Round) -> None:
 
 def pairs_stage(r: Round) -> None:
     run = r.run
-    prompts = {p.id: run.spec.render(run.tok, p.prompt) for p in r.problems}
+    prompts = {p.id: run.spec.render(run.tok, p.prompt, p.messages) for p in r.problems}
     r.pairs = jsonl_stage(r.rd / "pairs.jsonl", Pair, r.ledger, "pairs",
                           lambda: (run.pair_builder.build(r.problems, r.verdicts, prompts, seed=r.seed + r.k), {}))
     # pairs_format=conversational: the pairs in TRL's messages format too
     conv = r.rd / "pairs.conversational.jsonl"
     if run.cfg.get("pairs_format") == "conversational" and not is_complete(conv):
-        messages = {p.id: run.spec.messages(run.spec.prompt_template.replace("{problem}", p.prompt))
+        messages = {p.id: run.spec.messages(run.spec.prompt_template.replace("{problem}", p.prompt), p.messages)
                     for p in r.problems}
         write_jsonl(conv, [conversational_pair(p, messages[p.problem_id]) for p in r.pairs])
 

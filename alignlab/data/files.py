@@ -4,7 +4,8 @@
 or a local directory of such files (``train.parquet`` + ``test.parquet``, as verl and OpenRLHF users keep them).
 Which column is the prompt, the gold answer, the id, the difficulty and the data source is config (dotted keys reach
 into nested columns: verl's ``reward_model.ground_truth``); a prompt column holding chat messages uses its last user
-turn. The data source (verl's ``data_source`` column) travels with each problem to the verifier, where
+turn, and the whole chat (system and earlier turns too) is kept and rendered through the model's chat template.
+The data source (verl's ``data_source`` column) travels with each problem to the verifier, where
 ``verifier=reward_fn`` routes by it.
 Round k takes the k-th slice of a seeded order, as ``data=gsm8k`` does. Held-out problems come from
 ``heldout_path`` (or ``heldout_split`` of the same source) when given, else ``eval_problems`` rows are set aside
@@ -48,6 +49,7 @@ def load_rows(path: str, split: str = "train", name: str | None = None, key: str
             ds = datasets.load_dataset(str(local), split=split)
         elif hub.is_hub_id(path):
             hub.require_hub(key, path, OFFLINE_HINT)
+            hub.verify_cached(path, key, "dataset")  # a file cut short by an interrupted download: never read
             ds = datasets.load_dataset(path, name, split=split)
         else:
             raise ValueError(f"{key}: no such file or directory {path} (nor an org/name hub dataset id)")
@@ -67,6 +69,16 @@ def get_key(row: dict, key: str) -> Any:
             return None
         cur = cur[part]
     return cur
+
+
+def chat_turns(value: Any) -> list[dict[str, str]] | None:
+    """A chat-messages prompt's turns (role + text content) when it is more than one user turn (a system turn,
+    few-shot turns), else None: the problem is then rendered from its text alone, as before."""
+    if not isinstance(value, list):
+        return None
+    turns = [{"role": m["role"], "content": m["content"]} for m in value
+             if isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)]
+    return turns if len(turns) > 1 and any(t["role"] == "user" for t in turns) else None
 
 
 def prompt_text(value: Any) -> str | None:
@@ -100,7 +112,8 @@ def to_problems(rows: list[dict], source: str, prompt_key: str, answer_key: str,
     """Rows -> Problems; a row without a usable prompt or answer is skipped with a warning (an error if strict)."""
     out, skipped = [], 0
     for i, row in enumerate(rows):
-        prompt, gold = prompt_text(get_key(row, prompt_key)), gold_of(get_key(row, answer_key), answer_format)
+        value = get_key(row, prompt_key)
+        prompt, gold = prompt_text(value), gold_of(get_key(row, answer_key), answer_format)
         why = (f"no usable {prompt_key!r}" if not prompt or not prompt.strip()
                else f"no usable {answer_key!r} ({answer_format})" if not gold else "")
         if why:
@@ -119,7 +132,8 @@ def to_problems(rows: list[dict], source: str, prompt_key: str, answer_key: str,
             diff = int(digits) if digits else 0
         data_source = get_key(row, data_source_key) if data_source_key else None
         out.append(Problem(id=f"{source}/{uid if uid is not None else i}", prompt=prompt.strip(), answer=gold,
-                           difficulty=diff, source=source, data_source="" if data_source is None else str(data_source)))
+                           difficulty=diff, source=source, data_source="" if data_source is None else str(data_source),
+                           messages=chat_turns(value)))
     if skipped:
         log.warning("%s: skipped %d row(s) without a prompt or answer, kept %d", source, skipped, len(out))
     if not out:

@@ -51,7 +51,7 @@ def greedy_eval(model_dir, generator, spec, tokenizer, problems: list[Problem], 
     """Greedy answers, their verdicts, and how they ended: ``finished_rate`` (share that stopped at an end-of-turn
     token), the ``max_new_tokens`` used and the prompts' sha1. A model that loops until the limit is reported (a
     warning below 0.99), not silently scored as wrong."""
-    prompts = [spec.render(tokenizer, p.prompt) for p in problems]
+    prompts = [spec.render(tokenizer, p.prompt, p.messages) for p in problems]
     outs, verdicts, info = _graded(model_dir, generator, prompts, problems, verifier, name, 1, greedy=True)
     return [v[0].correct for v in verdicts], outs, info
 
@@ -128,7 +128,7 @@ class SampledEvalMixin:
                       ) -> tuple[dict[str, Any], list[bool], list[dict[str, Any]]]:
         """Greedy accuracy (+ the sampled metrics when ``samples``) of one problem set, its greedy verdicts, and
         the per-answer log rows (empty unless ``log_samples``)."""
-        prompts = [spec.render(tokenizer, p.prompt) for p in problems]
+        prompts = [spec.render(tokenizer, p.prompt, p.messages) for p in problems]
         outs, verdicts, info = _graded(model_dir, generator, prompts, problems, self.verifier, name, 1, greedy=True)
         correct = [v[0].correct for v in verdicts]
         acc, se = accuracy_se(correct)

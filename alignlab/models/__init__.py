@@ -81,7 +81,7 @@ class ModelSpec:
         if hub.is_hub_id(self.path):
             try:
                 hub.fetch_model(self.path)  # the hub only for a hub id; offline, a cached copy or a fast error
-            except hub.HubUnavailable as e:
+            except (hub.HubUnavailable, hub.CorruptDownload) as e:
                 raise FileNotFoundError(str(e)) from None
         d = self.directory
         if not (d / "config.json").exists():
@@ -91,18 +91,29 @@ class ModelSpec:
             raise FileNotFoundError(f"model.path: no Hugging Face model directory at {d} (config.json missing){hint}")
         require_safetensors(d)
 
-    def messages(self, content: str) -> list[dict[str, str]]:
-        msgs = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+    def messages(self, content: str, turns: list[dict[str, str]] | None = None) -> list[dict[str, str]]:
+        """The chat for one prompt: ``content`` as the user turn after this model's system prompt (if any); with
+        ``turns`` (a data row's own chat, e.g. verl's system + user turns), those turns up to the last user turn,
+        whose content becomes ``content``, and this model's system prompt only where the row has none."""
+        if not turns:
+            msgs = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+            return msgs + [{"role": "user", "content": content}]
+        last = max(i for i, m in enumerate(turns) if m.get("role") == "user")
+        msgs = [{"role": m["role"], "content": m["content"]} for m in turns[:last]]
+        if self.system_prompt and not any(m["role"] == "system" for m in msgs):
+            msgs.insert(0, {"role": "system", "content": self.system_prompt})
         return msgs + [{"role": "user", "content": content}]
 
-    def render(self, tokenizer, problem: str) -> str:
-        """The full prompt text (chat template + generation prompt) for one problem."""
+    def render(self, tokenizer, problem: str, turns: list[dict[str, str]] | None = None) -> str:
+        """The full prompt text (chat template + generation prompt) for one problem (``turns``: its own chat)."""
         content = fill(self.prompt_template, problem=problem)
-        return tokenizer.apply_chat_template(self.messages(content), tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(self.messages(content, turns), tokenize=False, add_generation_prompt=True)
 
-    def render_refine(self, tokenizer, problem: str, attempt: str, answer: str) -> str:
+    def render_refine(self, tokenizer, problem: str, attempt: str, answer: str,
+                      turns: list[dict[str, str]] | None = None) -> str:
+        """The refinement prompt for one failed attempt (``turns``: the problem's own chat)."""
         content = fill(self.refine_template, problem=problem, attempt=attempt, answer=answer)
-        return tokenizer.apply_chat_template(self.messages(content), tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(self.messages(content, turns), tokenize=False, add_generation_prompt=True)
 
     @property
     def torch_dtype(self) -> torch.dtype:

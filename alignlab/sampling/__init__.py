@@ -26,7 +26,7 @@ class SampleContext:
 
     def sample(self, problems: list[Problem], n: int, seed_offset: int = 0, source: str = "policy",
                model_dir: str | None = None, first_index: int = 0) -> list[Rollout]:
-        prompts = [self.spec.render(self.tokenizer, p.prompt) for p in problems]
+        prompts = [self.spec.render(self.tokenizer, p.prompt, p.messages) for p in problems]
         outs = self.generator.generate(model_dir or self.model_dir, prompts, n, seed=self.seed + seed_offset)
         return [Rollout(problem_id=p.id, text=s.text, tokens=s.tokens, logprob_sum=s.logprob_sum, source=source,
                         sample_index=first_index + j, meta={"entropy": s.entropy, "finished": s.finished})

@@ -251,10 +251,10 @@ def plain_prompt_logps(ctx: Any, cands: list[Candidate], batch_size: int = 32,
         from alignlab.records import Pair
 
         # one response per row: the "rejected" side is empty (its eos only), and its log-prob is not used
-        res = ctx.logps(ctx.model_dir, [Pair(c.problem.id, ctx.spec.render(tok, c.problem.prompt), c.refined.text, "")
+        res = ctx.logps(ctx.model_dir, [Pair(c.problem.id, ctx.spec.render(tok, c.problem.prompt, c.problem.messages), c.refined.text, "")
                                         for c in cands])
         return [float(x) for x in res["chosen"]], [int(x) for x in res["chosen_tokens"]]
-    enc = [encode(tok, ctx.spec.render(tok, c.problem.prompt), c.refined.text, max_length) for c in cands]
+    enc = [encode(tok, ctx.spec.render(tok, c.problem.prompt, c.problem.messages), c.refined.text, max_length) for c in cands]
     model = load_model(ctx.model_dir, dtype=ctx.spec.torch_dtype).eval()
     sums, counts = [0.0] * len(enc), [0] * len(enc)
     order = sorted(range(len(enc)), key=lambda i: len(enc[i].ids))

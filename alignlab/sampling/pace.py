@@ -106,7 +106,7 @@ class PaceSampler(SamplerBase):
         """One refinement generation per (problem, failed) pair, verified and gated."""
         if not todo:
             return []
-        prompts = [ctx.spec.render_refine(ctx.tokenizer, p.prompt, f.text, p.answer) for p, f in todo]
+        prompts = [ctx.spec.render_refine(ctx.tokenizer, p.prompt, f.text, p.answer, p.messages) for p, f in todo]
         outs = ctx.generator.generate(ctx.model_dir, prompts, 1, seed=ctx.seed + REFINE_SEED_OFFSET,
                                       greedy=self.greedy_refine)
         refined = [Rollout(problem_id=p.id, text=s.text, tokens=s.tokens, logprob_sum=s.logprob_sum,
