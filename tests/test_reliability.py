@@ -458,7 +458,8 @@ def test_wandb_is_offline_unless_asked(monkeypatch):
     import alignlab.cli
 
     cfg = _compose([])
-    assert cfg.logger._target_.endswith("WandbLogger") and cfg.logger.mode == "offline"
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert cfg.logger._target_.endswith("WandbLogger") and cfg.logger.mode is None  # null: $WANDB_MODE, else offline
     assert instantiate(cfg.logger).mode == "offline"
     for f in sorted((ROOT / "conf").rglob("*.yaml")):  # no preset turns it on
         assert "mode: online" not in f.read_text(), f

@@ -9,7 +9,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +40,33 @@ def run_id(run_dir: str | Path) -> str:
     return "alignlab-" + hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
 
 
-class WandbLogger(ConsoleLogger):
-    """Real W&B; never goes online unless ``mode=online`` is asked for explicitly."""
+WANDB_DEFAULTS = {"project": "alignlab", "mode": "offline", "entity": None}
+WANDB_MODES = {"offline": "offline", "online": "online", "disabled": "disabled", "dryrun": "offline", "run": "online"}
 
-    def __init__(self, project: str = "alignlab", mode: str = "offline", group: str | None = None,
+
+def wandb_setting(key: str, explicit: str | None, env: Mapping[str, str] | None = None) -> str | None:
+    """``logger.<key>``: the config's value when given, else ``$WANDB_<KEY>`` (as wandb's own tools read it), else
+    alignlab's default (project ``alignlab``, mode ``offline``, no entity)."""
+    env = os.environ if env is None else env
+    if explicit is not None:
+        return explicit
+    return env.get(f"WANDB_{key.upper()}") or WANDB_DEFAULTS[key]
+
+
+class WandbLogger(ConsoleLogger):
+    """Real W&B; never goes online unless asked for (``logger.mode=online`` or ``WANDB_MODE=online``).
+
+    ``project``, ``mode`` and ``entity``: explicit config > ``WANDB_PROJECT`` / ``WANDB_MODE`` / ``WANDB_ENTITY`` >
+    defaults (:func:`wandb_setting`), read when the logger is built."""
+
+    def __init__(self, project: str | None = None, mode: str | None = None, group: str | None = None,
                  tags: list[str] | None = None, entity: str | None = None) -> None:
-        if mode not in ("offline", "online", "disabled"):
-            raise ValueError(f"mode must be offline, online or disabled, got {mode!r}")
-        self.project, self.mode, self.group, self.tags, self.entity = project, mode, group, list(tags or []), entity
+        resolved = wandb_setting("mode", mode)
+        if resolved not in WANDB_MODES:
+            where = "" if mode is not None else " (from WANDB_MODE)"
+            raise ValueError(f"mode must be offline, online or disabled, got {resolved!r}{where}")
+        self.project, self.mode = wandb_setting("project", project), WANDB_MODES[resolved]
+        self.group, self.tags, self.entity = group, list(tags or []), wandb_setting("entity", entity)
         self._run = None
         self._step = 0
 
@@ -55,8 +74,7 @@ class WandbLogger(ConsoleLogger):
         import wandb
 
         os.environ.setdefault("WANDB_SILENT", "true")
-        if self.mode != "online":
-            os.environ["WANDB_MODE"] = self.mode  # an inherited WANDB_MODE=online must not win
+        os.environ["WANDB_MODE"] = self.mode  # the resolved mode: an inherited WANDB_MODE never overrides the config
         self._run = wandb.init(project=self.project, mode=self.mode, group=self.group, tags=self.tags,
                                entity=self.entity, dir=str(run_dir), config=config, name=name, reinit="finish_previous",
                                id=run_id(run_dir), resume="allow",
