@@ -9,13 +9,21 @@ cache only.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import re
+import struct
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+log = logging.getLogger("alignlab")
+
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+SHA256 = re.compile(r"^[0-9a-f]{64}$")  # a cached LFS blob's name: the file's sha256 (the hub's etag)
+GIT_SHA1 = re.compile(r"^[0-9a-f]{40}$")  # a cached regular file's blob name: its git blob sha1
 PROBE_TIMEOUT_S = 3.0
 
 
@@ -73,6 +81,147 @@ def download_hint(repo_id: str) -> str:
             f"(or `hf download ...`), then pass model.path={local}.")
 
 
+class CorruptDownload(ValueError):
+    """A file of a hub download is truncated or corrupt (an interrupted download); it was removed from the cache."""
+
+
+_VERIFIED: dict[tuple[str, int, int], None] = {}  # blobs whose digest matched, by (path, size, mtime_ns)
+
+
+def _git_sha1(path: Path, size: int) -> str:
+    h = hashlib.sha1(f"blob {size}\0".encode())
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def parse_problem(path: Path) -> str | None:
+    """Why ``path`` does not parse as its kind (a ``.safetensors`` whose header or size is cut short, ``.json``
+    that is not JSON), or None; other kinds are not parsed."""
+    size = path.stat().st_size
+    if path.suffix == ".safetensors":
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{size} bytes, shorter than a safetensors header"
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                return f"safetensors header of {n} bytes in a {size}-byte file"
+            try:
+                header = json.loads(f.read(n))
+            except ValueError:
+                return "safetensors header is not JSON"
+        end = max((int(v["data_offsets"][1]) for k, v in header.items()
+                   if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v), default=0)
+        if size != 8 + n + end:
+            return f"{size} bytes where the safetensors header describes {8 + n + end}"
+    elif path.suffix == ".json":
+        try:
+            json.loads(path.read_bytes())
+        except ValueError as e:
+            return f"not valid JSON ({e})"
+    return None
+
+
+def file_problem(path: Path, expected_size: int | None = None) -> str | None:
+    """Why the snapshot file ``path`` is not what the hub served, or None. A file in the hub cache links to
+    ``blobs/<etag>``: its sha256 for LFS files, its git blob sha1 otherwise, so every cached file has a digest
+    (checked once per blob and modification time). ``expected_size`` comes from the cached tree listing."""
+    blob = path.resolve()
+    if not blob.is_file():
+        return "missing (a dangling link into the cache's blobs)"
+    st = blob.stat()
+    if expected_size is not None and st.st_size != expected_size:
+        return f"{st.st_size} bytes where the hub lists {expected_size}"
+    problem = parse_problem(path)  # by the snapshot name's suffix; the open follows the link to the blob
+    if problem is not None:
+        return problem
+    key = (str(blob), st.st_size, st.st_mtime_ns)
+    if key in _VERIFIED or blob.parent.name != "blobs":
+        return None
+    if SHA256.match(blob.name):
+        got, kind = _sha256(blob), "sha256"
+    elif GIT_SHA1.match(blob.name):
+        got, kind = _git_sha1(blob, st.st_size), "git sha1"
+    else:
+        return None
+    if got != blob.name:
+        return f"{kind} {got[:12]}... is not the hub's {blob.name[:12]}..."
+    _VERIFIED[key] = None
+    return None
+
+
+def _expected_sizes(repo_id: str, repo_type: str, snapshot: Path) -> dict[str, int]:
+    """File sizes from the tree listing huggingface_hub caches with a snapshot download ({} when none)."""
+    from huggingface_hub import get_cached_repo_tree
+
+    try:
+        files = get_cached_repo_tree(repo_id, repo_type=repo_type, revision=snapshot.name,
+                                     cache_dir=snapshot.parent.parent.parent)
+    except Exception:  # noqa: BLE001 - no listing cached (older downloads): digests and parses still apply
+        return {}
+    return {f.path: int(f.size) for f in files if getattr(f, "size", None) is not None}
+
+
+def verify_snapshot(snapshot: Path, repo_id: str, what: str, repo_type: str = "model") -> None:
+    """Check every file of a cached hub snapshot (size, digest, parse); remove each bad one from the cache (its
+    link and blob, so the next download fetches it again) and raise :class:`CorruptDownload` naming them."""
+    sizes = _expected_sizes(repo_id, repo_type, snapshot)
+    bad = []
+    for p in sorted(snapshot.rglob("*")):
+        if p.is_dir() and not p.is_symlink():
+            continue
+        rel = p.relative_to(snapshot).as_posix()
+        problem = file_problem(p, sizes.get(rel))
+        if problem is not None:
+            bad.append(f"{rel}: {problem}")
+            blob = p.resolve()
+            p.unlink(missing_ok=True)
+            if blob != p and blob.parent.name == "blobs":
+                blob.unlink(missing_ok=True)
+    if bad:
+        raise CorruptDownload(f"{what}={repo_id}: the cached download is truncated or corrupt (an interrupted "
+                              f"download), and was removed from the cache: {'; '.join(bad)}")
+
+
+def cached_snapshot(repo_id: str, repo_type: str = "model") -> Path | None:
+    """The snapshot directory ``refs/main`` points to in the local hub cache, or None (no network)."""
+    from huggingface_hub import constants
+
+    root = Path(constants.HF_HUB_CACHE) / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    ref = root / "refs" / "main"
+    if not ref.is_file():
+        return None
+    snap = root / "snapshots" / ref.read_text().strip()
+    return snap if snap.is_dir() else None
+
+
+def verify_cached(repo_id: str, what: str, repo_type: str = "model") -> Path | None:
+    """:func:`verify_snapshot` on the cached snapshot of ``repo_id``; the snapshot if it is there and whole, else
+    None. Offline a bad file is an error; online it is removed and fetched again by the download that follows."""
+    snap = cached_snapshot(repo_id, repo_type)
+    if snap is None:
+        return None
+    try:
+        verify_snapshot(snap, repo_id, what, repo_type)
+    except CorruptDownload as e:
+        if offline():
+            raise CorruptDownload(f"{e}. Offline (HF_HUB_OFFLINE is set) it cannot be fetched again: rerun with "
+                                  f"network, or {download_hint(repo_id)}") from None
+        log.warning("%s; downloading it again", e)
+        return None
+    return snap
+
+
 def cached_model_dir(repo_id: str) -> Path | None:
     """The local-cache snapshot of hub model ``repo_id``, or None; reads the cache only (no network)."""
     from huggingface_hub import snapshot_download
@@ -85,7 +234,9 @@ def cached_model_dir(repo_id: str) -> Path | None:
 
 
 def fetch_model(repo_id: str) -> Path:
-    """The local snapshot of hub model ``repo_id``, downloaded (config, tokenizer, safetensors) if not cached."""
+    """The local snapshot of hub model ``repo_id``, downloaded (config, tokenizer, safetensors) if not cached,
+    every file verified (:func:`verify_snapshot`): an interrupted download is fetched again, never used."""
+    verify_cached(repo_id, "model.path")
     cached = cached_model_dir(repo_id)
     if cached is not None:
         return cached
@@ -95,4 +246,6 @@ def fetch_model(repo_id: str) -> Path:
     require_hub("model.path", repo_id, download_hint(repo_id))
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(repo_id, allow_patterns=MODEL_FILES))
+    snap = Path(snapshot_download(repo_id, allow_patterns=MODEL_FILES))
+    verify_snapshot(snap, repo_id, "model.path")  # what was just downloaded, once more
+    return snap

@@ -49,8 +49,11 @@ def load_rows(path: str, split: str = "train", name: str | None = None, key: str
             ds = datasets.load_dataset(str(local), split=split)
         elif hub.is_hub_id(path):
             hub.require_hub(key, path, OFFLINE_HINT)
-            hub.verify_cached(path, key, "dataset")  # a file cut short by an interrupted download: never read
-            ds = datasets.load_dataset(path, name, split=split)
+            snap = hub.verify_cached(path, key, "dataset")  # a file cut short by an interrupted download: never read
+            if snap is not None and hub.offline():  # offline: the verified copy in the hub cache (hf download ...)
+                ds = datasets.load_dataset(str(snap), name, split=split)
+            else:
+                ds = datasets.load_dataset(path, name, split=split)
         else:
             raise ValueError(f"{key}: no such file or directory {path} (nor an org/name hub dataset id)")
     except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError, ConnectionError) as e:
