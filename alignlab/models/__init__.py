@@ -61,6 +61,9 @@ class ModelSpec:
     # ${oc.select:model.dpo_lr,1.0e-4} (the trainer never reads it by itself: a preset that does not refer to it
     # keeps its own rate).
     dpo_lr: float | None = None
+    # A chat template (Jinja) that replaces the tokenizer's: a path to a .jinja/.j2 file or the template itself, so
+    # a base model without a template can be prompted. null: the tokenizer's own.
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -70,6 +73,7 @@ class ModelSpec:
         for key in ("max_prompt_tokens", "max_new_tokens"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        self._template = read_chat_template(self.chat_template)
 
     @property
     def directory(self) -> Path:
@@ -107,17 +111,37 @@ class ModelSpec:
     def render(self, tokenizer, problem: str, turns: list[dict[str, str]] | None = None) -> str:
         """The full prompt text (chat template + generation prompt) for one problem (``turns``: its own chat)."""
         content = fill(self.prompt_template, problem=problem)
-        return tokenizer.apply_chat_template(self.messages(content, turns), tokenize=False, add_generation_prompt=True)
+        return self.apply_template(tokenizer, self.messages(content, turns))
 
     def render_refine(self, tokenizer, problem: str, attempt: str, answer: str,
                       turns: list[dict[str, str]] | None = None) -> str:
         """The refinement prompt for one failed attempt (``turns``: the problem's own chat)."""
         content = fill(self.refine_template, problem=problem, attempt=attempt, answer=answer)
-        return tokenizer.apply_chat_template(self.messages(content, turns), tokenize=False, add_generation_prompt=True)
+        return self.apply_template(tokenizer, self.messages(content, turns))
+
+    def apply_template(self, tokenizer, messages: list[dict[str, str]]) -> str:
+        """``messages`` as prompt text with the generation prompt: ``chat_template`` if set, else the tokenizer's."""
+        kw = {"chat_template": self._template} if self._template else {}
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kw)
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
+
+
+def read_chat_template(value: str | None) -> str | None:
+    """``model.chat_template``'s Jinja text: the file's content for a path ending .jinja/.j2 (or naming an existing
+    file), else the value itself; None stays None."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"chat_template: a .jinja file path or a Jinja template string, got {value!r}")
+    path = Path(value).expanduser()
+    if value.endswith((".jinja", ".j2")) or ("{" not in value and path.is_file()):
+        if not path.is_file():
+            raise ValueError(f"chat_template: no such file {path}")
+        return path.read_text(encoding="utf-8")
+    return value
 
 
 def load_tokenizer(path: str | Path):
