@@ -62,10 +62,15 @@ class Pair:
 
 @dataclass
 class Selected:
-    """A pair kept by the selector, with the score it was kept for."""
+    """A pair kept by the selector, with the score it was kept for. Stored flat, as TRL's pair columns plus
+    ``score`` (:meth:`row`), so ``load_dataset("json")`` on ``selected.jsonl`` gives the trained pairs directly."""
 
     pair: Pair
     score: float = 0.0
+
+    def row(self) -> dict[str, Any]:
+        """The JSONL row: the pair's columns (problem_id, prompt, chosen, rejected, meta) and ``score``."""
+        return {**dataclasses.asdict(self.pair), "score": self.score}
 
 
 T = TypeVar("T")
@@ -133,7 +138,7 @@ def write_jsonl(path: str | Path, records: Iterable[Any]) -> None:
     """Atomically write records as JSONL (one record per line, nothing else), then its ``.done`` sidecar."""
     path = Path(path)
     done_path(path).unlink(missing_ok=True)  # a stale marker must never vouch for the new file
-    text = "".join(json.dumps(dataclasses.asdict(r) if dataclasses.is_dataclass(r) else r) + "\n" for r in records)
+    text = "".join(json.dumps(_row(r)) + "\n" for r in records)
     atomic_write_text(path, text)
     atomic_write_text(done_path(path), json.dumps(_fingerprint(text.encode("utf-8"))) + "\n")
 
@@ -161,9 +166,18 @@ def read_jsonl(path: str | Path, cls: type[T] | None = None) -> list[T]:
     return [_from_dict(cls, row) for row in rows] if cls is not None else rows
 
 
+def _row(r: Any) -> Any:
+    if isinstance(r, Selected):
+        return r.row()
+    return dataclasses.asdict(r) if dataclasses.is_dataclass(r) else r
+
+
 def _from_dict(cls: type[T], row: dict) -> T:
     if cls is Selected:
-        return Selected(pair=Pair(**row["pair"]), score=row["score"])  # type: ignore[return-value]
+        if "pair" in row:  # written before selected.jsonl was flat ({pair, score})
+            return Selected(pair=Pair(**row["pair"]), score=row["score"])  # type: ignore[return-value]
+        fields = {k: v for k, v in row.items() if k != "score"}
+        return Selected(pair=Pair(**fields), score=row.get("score", 0.0))  # type: ignore[return-value]
     return cls(**row)
 
 

@@ -113,7 +113,8 @@ def test_round_files_load_with_datasets_one_row_per_record(one_round):
     assert pairs.column_names == ["problem_id", "prompt", "chosen", "rejected", "meta"]
     assert all(isinstance(x, str) and x for x in pairs["chosen"])
     sel = datasets.load_dataset("json", data_files=str(rd / "selected.jsonl"), split="train")
-    assert sel.num_rows == s["rounds"][0]["selected"] and sel.column_names == ["pair", "score"]
+    assert sel.num_rows == s["rounds"][0]["selected"]
+    assert sel.column_names == ["problem_id", "prompt", "chosen", "rejected", "meta", "score"]  # TRL's + score
     roll = datasets.load_dataset("json", data_files=str(rd / "rollouts.jsonl"), split="train")
     assert roll.num_rows == s["rounds"][0]["ledger"]["samples"] and "__complete__" not in roll.column_names
 

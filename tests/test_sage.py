@@ -296,7 +296,7 @@ def test_sage_run_end_to_end_through_the_cli(tiny_dir, tmp_path):
     assert abs(r["selected"] - r["pairs"] / 2) <= 0.05 * r["pairs"] / 2 + 1 and r["selected"] < r["pairs"]
     assert r["ledger"]["trained_pairs"] == r["train"]["trained_pairs"] == r["train"]["kept_pairs"]
     sel = read_jsonl(tmp_path / "round_1" / "selected.jsonl")
-    assert sel[0]["pair"]["meta"]["sage_round"]["granularity"] == "step"
+    assert sel[0]["meta"]["sage_round"]["granularity"] == "step"
     log = json.loads((tmp_path / "round_1" / "train_steps.json").read_text())
     assert [st["kept"] for st in log["steps"]] == [math.ceil(st["candidates"] / 2) for st in log["steps"]]
     assert r["train"]["kept_pairs"] == log["kept"] > 0 and r["train"]["score_forward_tokens"] > 0

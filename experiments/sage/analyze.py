@@ -21,7 +21,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from alignlab.records import read_jsonl  # noqa: E402
+from alignlab.records import Selected, read_jsonl  # noqa: E402
 from alignlab.select.curriculum import Curriculum  # noqa: E402
 
 BUCKETS = ("easy", "medium", "hard")
@@ -60,15 +60,15 @@ def run_stats(d: Path) -> dict | None:
             _add_hists(out["hist"], ts)
             continue
         pairs = read_jsonl(rd / "pairs.jsonl")
-        sel = read_jsonl(rd / "selected.jsonl")
-        info = sel[0]["pair"]["meta"].get("sage_round", {}) if sel else {}
+        sel = [s.pair for s in read_jsonl(rd / "selected.jsonl", Selected)]  # flat now, nested in older runs
+        info = sel[0].meta.get("sage_round", {}) if sel else {}
         if "score_hist_all" in info:  # pool granularity: the round's histograms ride on the first kept pair
             _add_hists(out["hist"], info)
         for p in pairs:
             b = cur.bucket(p["meta"].get("pass_rate"))
             out["avail"][b] = out["avail"].get(b, 0) + 1
         for x in sel:
-            b = cur.bucket(x["pair"]["meta"].get("pass_rate"))
+            b = cur.bucket(x.meta.get("pass_rate"))
             out["kept"][b] = out["kept"].get(b, 0) + 1
     return out
 
