@@ -79,6 +79,28 @@ def test_the_wheel_declares_and_ships_the_apache_licence(installed):
     assert text == (ROOT / "LICENSE").read_text() and "Apache License" in text and "Version 2.0, January 2004" in text
 
 
+PIP_WITH_PEP639 = "pip>=25.1"  # 25.1: `pip show` prints License-Expression (PEP 639); 23.2 prints only License
+
+
+def test_pip_show_names_the_licence(installed):
+    """`pip show alignlab` tells a user the licence. The venv gets its own pip new enough to print PEP 639's
+    License-Expression (the one the test interpreter lends it, 23.2, prints only the legacy License field, empty here).
+    Skipped only when the package registry cannot be reached."""
+    py = installed / "bin" / "python"
+    res = subprocess.run([str(py), "-m", "pip", "install", "-q", PIP_WITH_PEP639], cwd=installed, capture_output=True,
+                         text=True, timeout=300, env=_env())
+    if res.returncode != 0:
+        err = res.stdout + res.stderr
+        if any(s in err for s in ("No matching distribution", "NewConnectionError", "Could not fetch", "timed out")):
+            pytest.skip(f"{PIP_WITH_PEP639} cannot be installed (package registry unreachable): {err[-300:]}")
+        pytest.fail(f"installing {PIP_WITH_PEP639} failed:\n{err}")
+    version = _sh(py, "-m", "pip", "--version", cwd=installed, env=_env())
+    assert version.split()[3].startswith(str(installed)), f"the venv's own pip is not the one running: {version}"
+    show = _sh(py, "-m", "pip", "show", "alignlab", cwd=installed, env=_env())
+    fields = dict(line.split(": ", 1) for line in show.splitlines() if ": " in line)
+    assert fields.get("Name") == "alignlab" and fields.get("License-Expression") == "Apache-2.0", show
+
+
 def test_installed_console_script_composes_and_runs_one_round_from_an_empty_directory(installed, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
