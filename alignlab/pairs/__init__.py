@@ -63,3 +63,42 @@ class BestWorstPairBuilder:
                 c, r = rng.choice(good), rng.choice(bad)
             pairs.append(make_pair(prompts[p.id], c, r, "natural", pass_rate=len(good) / len(rs)))
         return pairs
+
+
+class MaxMinRewardPairBuilder:
+    """Scalar rewards (``verifier=reward_fn``): per prompt, chosen = the highest ``meta.reward``, rejected = the
+    lowest, as RLHFlow's iterative DPO and DPO-R1's ``max_min`` take them from a reward model's scores.
+
+    A prompt gives no pair when it has fewer than two scored rollouts or its top and bottom rewards differ by
+    ``min_margin`` or less (equal rewards: no preference). Ties at the top or bottom go to the earliest rollout
+    (``numpy.argmax`` order). A reward of None (the function gave none, or NaN) is left out. ``require_correct``
+    also skips prompts whose chosen rollout is not a correct verdict (reward >= ``verifier.threshold``); the
+    peers pair on reward alone, so it is off by default.
+    """
+
+    def __init__(self, min_margin: float = 0.0, require_correct: bool = False) -> None:
+        if not min_margin >= 0.0:
+            raise ValueError(f"pair_builder.min_margin must be >= 0, got {min_margin!r}")
+        self.min_margin, self.require_correct = float(min_margin), bool(require_correct)
+
+    def build(self, problems: list[Problem], rollouts: list[Rollout], prompts: dict[str, str], seed: int) -> list[Pair]:
+        """One (max reward, min reward) pair per prompt that has a reward gap; ``seed`` is unused (no sampling)."""
+        if rollouts and not any("reward" in r.meta for r in rollouts):
+            raise ValueError("pair_builder=max_min_reward needs scalar rewards (meta.reward in verdicts): "
+                             "use verifier=reward_fn")
+        groups = group_by_problem(rollouts)
+        pairs = []
+        for p in problems:
+            rs = groups.get(p.id, [])
+            scored = [r for r in rs if r.meta.get("reward") is not None]
+            if len(scored) < 2:
+                continue
+            c = max(scored, key=lambda x: x.meta["reward"])  # max/min keep the first of equal rewards
+            r = min(scored, key=lambda x: x.meta["reward"])
+            if c.meta["reward"] - r.meta["reward"] <= self.min_margin or (self.require_correct and not c.verdict):
+                continue
+            pass_rate = sum(bool(x.verdict) for x in rs) / len(rs)
+            pair = make_pair(prompts[p.id], c, r, "max_min_reward", pass_rate=pass_rate)
+            pair.meta.update(chosen_reward=c.meta["reward"], rejected_reward=r.meta["reward"])
+            pairs.append(pair)
+        return pairs
