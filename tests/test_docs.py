@@ -3,9 +3,13 @@ experiments that exist, papers cited by title and arXiv id."""
 
 from __future__ import annotations
 
+import csv
 import re
 import subprocess
 
+import yaml
+
+from alignlab.stages import format_table
 from tests.conftest import ROOT
 
 TEXT = (".md", ".py", ".yaml", ".json", ".toml", ".txt", ".cfg", ".sh", ".csv")
@@ -59,3 +63,29 @@ def test_papers_are_cited_by_title_and_arxiv_id():
     readme = " ".join((ROOT / "README.md").read_text().split())  # titles may wrap
     for arxiv, title in papers.items():
         assert arxiv in readme and title in readme, (arxiv, title)
+
+
+def _readme_make_run_table() -> str:
+    """The indented per-round table the README shows under `make run` (the block whose first line is its header)."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = next(i for i, s in enumerate(lines) if s.split() == ["round", "accuracy", "pairs", "selected", "gen",
+                                                                  "tokens", "trained", "tokens", "FLOPs", "wall", "s"])
+    end = next(i for i in range(start, len(lines)) if not lines[i].strip())
+    return "\n".join(s[4:].rstrip() for s in lines[start:end])
+
+
+def test_readme_make_run_table_is_the_recorded_quickstart_seed_0_run():
+    """The README's `make run` table is format_table (what `make run` prints at the end) of the recorded quickstart
+    run with the default seed 0 (experiments/quickstart/report.csv), digit for digit. Refresh both together."""
+    seed = yaml.safe_load((ROOT / "conf" / "config.yaml").read_text())["seed"]
+    with open(ROOT / "experiments" / "quickstart" / "report.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["experiment"] == "quickstart" and int(r["seed"]) == seed]
+    assert [int(r["round"]) for r in rows] == [1, 2, 3], "report.csv lacks the default seed's three rounds"
+    summary = {"base": {"accuracy": float(rows[0]["base_accuracy"]), "se": float(rows[0]["base_se"])},
+               "rounds": [{"round": int(r["round"]), "eval": {"accuracy": float(r["accuracy"]), "se": float(r["se"])},
+                           "pairs": int(r["pairs"]), "selected": int(r["selected"]),
+                           "ledger": {"generated_tokens": int(r["generated_tokens"]),
+                                      "trained_tokens": int(r["trained_tokens"]), "flops": float(r["flops"]),
+                                      "wall_s": float(r["wall_s"])}} for r in rows]}
+    want = "\n".join(s.rstrip() for s in format_table(summary).splitlines())
+    assert _readme_make_run_table() == want, f"README's make run table:\n{_readme_make_run_table()}\nrecorded:\n{want}"
