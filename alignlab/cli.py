@@ -49,7 +49,7 @@ def _run(cfg) -> None:
     from alignlab import config as C
     from alignlab import runner
     from alignlab.checks import check_run_dir
-    from alignlab.preempt import EXIT_PREEMPTED, Preempted
+    from alignlab.preempt import EXIT_PREEMPTED, Preempted, ignore
     from alignlab.records import is_disk_full
 
     hc = HydraConfig.get()
@@ -66,6 +66,7 @@ def _run(cfg) -> None:
         out = runner.resolve_out_dir(cfg, hc.runtime.output_dir, explicit=explicit)
         check_run_dir(cfg, out, explicit or bool(cfg.out_dir))
         runner.run(cfg, out, choices)
+        ignore()  # done: a signal during the exit (a requeue would find nothing to do) must not turn 0 into -15
     except C.ConfigError as e:  # RunLocked too: another live process writes this run dir
         config_error_exit(e)
     except Preempted as e:

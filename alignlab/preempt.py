@@ -59,6 +59,14 @@ def install(raise_now: bool = True) -> dict[int, object]:
     return {s: signal.signal(s, _handler) for s in SIGNALS}
 
 
+def ignore() -> None:
+    """The run's work is done: SIGTERM/SIGUSR1 no longer interrupt the exit. Python's interpreter teardown puts the
+    default action back for signals it handled, so a signal then would end a finished run with -15, not 0."""
+    if threading.current_thread() is threading.main_thread():
+        for s in SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+
+
 @contextmanager
 def handled(raise_now: bool = True) -> Iterator[None]:
     """Handle SIGTERM/SIGUSR1 for the duration of a run, then restore the previous handlers (submitit's)."""
