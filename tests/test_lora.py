@@ -16,6 +16,7 @@ from alignlab.models import ModelSpec, load_model, load_tokenizer
 from alignlab.records import Pair
 from alignlab.train.batching import response_end_id
 from alignlab.train.core import ADAPTER_DIR
+from alignlab.train.deepspeed_trainer import DeepSpeedTrainer
 from alignlab.train.torch_trainer import TorchTrainer, reference_logps
 from tests.conftest import TINY_RUN, alignlab
 
@@ -123,3 +124,37 @@ def test_trainer_dtype_bf16_autocasts_the_forwards_and_attn_implementation_reach
         TorchTrainer(dtype="float16")
     with pytest.raises(ValueError, match="trainer.lora.r must be >= 1"):
         TorchTrainer(lora={"enabled": True, "r": 0})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_lora_on_two_zero_ranks_writes_the_merged_checkpoint_and_adapter_trainer_torch_writes(tiny_dir, tmp_path,
+                                                                                               stage):
+    """trainer=deepspeed_zero2/3 with trainer.lora on 2 gloo ranks (micro 2 each) against trainer=torch (batch 4) on the
+    same pairs, seed and settings: the same adapter init and steps, so the same adapter, merged weights and
+    trainable-parameter count (4 layers x (q, v) x r x (160 + 160)). ZeRO-3 (every tensor partitioned) gathers
+    the weights on rank 0 and merges there."""
+    pairs = _pairs(tiny_dir)
+    lora = {"enabled": True, "r": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"]}
+    kw = {"lr": 1e-2, "epochs": 1, "warmup_ratio": 0.0, "max_length": 160, "lora": lora}
+    ref = reference_logps(tiny_dir, pairs, max_len=160)
+    want = TorchTrainer(batch_size=4, device="cpu", **kw).train(tiny_dir, pairs, ref, DPOLoss(beta=0.5),
+                                                                 tmp_path / "torch" / "checkpoint", seed=3)
+    got = DeepSpeedTrainer(micro_batch_size=2, ranks=2, threads_per_rank=1,
+                           deepspeed={"zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}},
+                           **kw).train(
+        tiny_dir, pairs, ref, DPOLoss(beta=0.5), tmp_path / "ds" / "checkpoint", seed=3)
+    assert got.steps == want.steps == 2
+    assert got.summary["trainable_params"] == want.summary["trainable_params"] == 8 * 4 * (HIDDEN + HIDDEN)
+    assert got.summary["peak_rss_mib"] > 0
+    for a, b in zip(want.history, got.history):
+        assert abs(a["loss"] - b["loss"]) < 1e-5, (a, b)
+    base = load_file(str(tiny_dir / "model.safetensors"))
+    for name in ("model.safetensors", f"{ADAPTER_DIR}/adapter_model.safetensors"):
+        w, g = (load_file(str(tmp_path / t / "checkpoint" / name)) for t in ("torch", "ds"))
+        assert w.keys() == g.keys() and (name != "model.safetensors" or w.keys() == base.keys())
+        for k in w:
+            torch.testing.assert_close(g[k], w[k], atol=1e-5, rtol=1e-4, msg=f"{name}: {k}")
+    merged = load_file(str(tmp_path / "ds" / "checkpoint" / "model.safetensors"))
+    moved = [k for k in base if not torch.equal(merged[k], base[k])]
+    assert sorted(moved) == sorted(k for k in base if k.endswith(("q_proj.weight", "v_proj.weight")))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import dataclasses
 import hashlib
 import json
 import logging
@@ -32,6 +33,7 @@ from alignlab.logging import RankBars, progress
 from alignlab.records import DiskFull, Pair, atomic_write_text
 from alignlab.spec import PACKAGES_ENV, packages_of, round_trip
 from alignlab.train import NonFiniteLossError, TrainResult
+from alignlab.train.core import LoraSettings
 
 log = logging.getLogger("alignlab")
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]
@@ -72,7 +74,7 @@ class DeepSpeedTrainer:
                  checkpoint_every: int = 50, launcher: str = "torchrun", hostfile: str | None = None,
                  master_port: int | None = None, threads_per_rank: int = 0, keep_workdir: bool = False,
                  grad_stats: bool = False, deepspeed: dict[str, Any] | None = None,
-                 max_steps: int | None = None) -> None:
+                 max_steps: int | None = None, lora: LoraSettings | dict[str, Any] | None = None) -> None:
         for k, v in {"lr": lr, "epochs": epochs, "micro_batch_size": 1 if micro_batch_size is None else micro_batch_size,
                      "grad_accum": grad_accum,
                      "max_length": max_length, "max_grad_norm": max_grad_norm}.items():
@@ -116,6 +118,7 @@ class DeepSpeedTrainer:
         self.launcher, self.master_port = launcher, master_port
         self.threads_per_rank, self.keep_workdir = threads_per_rank, keep_workdir
         self.max_steps = None if max_steps is None else int(max_steps)  # a step budget, as trainer=torch's
+        self.lora = LoraSettings.of(lora)  # trainer=torch's LoRA, applied on every rank (ds_worker.load_policy)
         self.ds_config = self._resolve(deepspeed)
         # per-micro-batch gradients need full weights on every rank: with ZeRO-3 the diagnostic is skipped (warned)
         self.grad_stats = grad_stats and self.zero_stage < 3
@@ -213,6 +216,7 @@ class DeepSpeedTrainer:
         job = self._job("train", policy_dir, out, seed)
         job["loss"] = round_trip(loss, "loss")
         job["callbacks"] = [round_trip(c, f"callbacks[{i}]") for i, c in enumerate(callbacks or [])]
+        job["lora"] = dataclasses.asdict(self.lora)
         fingerprint = _fingerprint(job, pairs, ref_logps)
         self._prepare(work, job, fingerprint, pairs, ref_logps)
         seen = 0

@@ -32,21 +32,25 @@ from deepspeed.utils.tensor_fragment import fragment_address
 from alignlab import preempt, statejson
 from alignlab._compat import skip_cpu_shm_allreduce, zero3_full_state_dict
 from alignlab.losses import PairLogps
-from alignlab.models import load_tokenizer, resolve_path
+from alignlab.models import load_model, load_tokenizer, resolve_path
 from alignlab.records import Pair, atomic_write_text, is_disk_full
 from alignlab.spec import from_spec
 from alignlab.train import NonFiniteLossError
 from alignlab.train.batching import collate, token_logps, token_logps_of
 from alignlab.train.callbacks import CallbackList, GradStats, TrainState, write_step_log
 from alignlab.train.core import (
+    LoraSettings,
+    apply_lora,
     batch_plan,
     build_optimizer,
     build_schedule,
     encode_pairs,
     epoch_of,
     pair_forward,
+    peak_rss_mib,
     save_checkpoint,
     summarize,
+    trainable_params,
 )
 
 T0 = time.time()
@@ -154,8 +158,9 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return tag if tag and (ckpt_dir / tag).is_dir() else None
 
 
-def load_policy(job: dict[str, Any], ds_config: dict[str, Any], dtype: torch.dtype):
-    """From the HF directory; under ZeRO-3, ``HfDeepSpeedConfig`` makes ``from_pretrained`` load partitioned."""
+def load_policy(job: dict[str, Any], ds_config: dict[str, Any], dtype: torch.dtype, lora: LoraSettings | None = None):
+    """From the HF directory; under ZeRO-3, ``HfDeepSpeedConfig`` makes ``from_pretrained`` load partitioned.
+    ``lora`` (enabled): wrapped with fresh adapters as trainer=torch wraps it (:func:`apply_lora`, base frozen)."""
     from transformers import AutoModelForCausalLM
 
     keep = None
@@ -166,7 +171,7 @@ def load_policy(job: dict[str, Any], ds_config: dict[str, Any], dtype: torch.dty
     model = AutoModelForCausalLM.from_pretrained(str(resolve_path(job["policy_dir"])), dtype=dtype,
                                                  use_safetensors=True)
     del keep
-    return model
+    return apply_lora(model, lora) if lora is not None and lora.enabled else model
 
 
 
@@ -210,7 +215,8 @@ def run_train(work: Path, job: dict[str, Any]) -> None:
     keys = metric_keys(loss)
 
     note(rank, f"{world} ranks, {len(pairs)} pairs; loading the policy")
-    model = load_policy(job, ds_config, torch.bfloat16 if bf16 else torch.float32)
+    lora = LoraSettings.of(job.get("lora"))
+    model = load_policy(job, ds_config, torch.bfloat16 if bf16 else torch.float32, lora)
     if job["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -242,11 +248,13 @@ def run_train(work: Path, job: dict[str, Any]) -> None:
     def schedule(opt):
         return build_schedule(opt, warm, total_steps)
 
+    params = [p for p in model.parameters() if p.requires_grad]  # all of them, or LoRA's adapters
+    n_trainable = trainable_params(model)  # before ZeRO-3 partitions them
     if job["optimizer"] == "torch":
-        opt = build_optimizer(model.parameters(), job["lr"], job["weight_decay"])
+        opt = build_optimizer(params, job["lr"], job["weight_decay"])
         engine, _, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=schedule, config=ds_config)
     else:
-        engine, _, _, sched = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+        engine, _, _, sched = deepspeed.initialize(model=model, model_parameters=params,
                                                    lr_scheduler=schedule, config=ds_config)
     engine.train()
     engine_box.append(engine)
@@ -362,10 +370,16 @@ def run_train(work: Path, job: dict[str, Any]) -> None:
     else:
         sd = None
     if rank == 0:
-        save_checkpoint(engine.module, tok, out, state_dict=sd, source_dir=job["policy_dir"])
+        module = engine.module
+        if sd is not None and lora.enabled:  # partitioned adapters cannot merge in place: rebuild them whole
+            module = apply_lora(load_model(job["policy_dir"]), lora)
+            module.load_state_dict(sd)
+            sd = None
+        save_checkpoint(module, tok, out, state_dict=sd, source_dir=job["policy_dir"])  # LoRA: merged, as torch
         summary = summarize(history)
         summary.update(extra, trained_pairs=trained_pairs, pairs_per_epoch=trained_pairs / job["epochs"],
-                       train_seconds=time.time() - t0, ranks=world, zero_stage=engine.zero_optimization_stage())
+                       train_seconds=time.time() - t0, ranks=world, zero_stage=engine.zero_optimization_stage(),
+                       trainable_params=n_trainable, peak_rss_mib=peak_rss_mib())
         if resumed_from is not None:
             summary["resumed_from_step"] = resumed_from
         atomic_write_text(work / "result.json", json.dumps(
