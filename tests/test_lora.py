@@ -13,9 +13,9 @@ import alignlab.train.torch_trainer as tt
 from alignlab.data import arith
 from alignlab.losses import DPOLoss
 from alignlab.models import ModelSpec, load_model, load_tokenizer
-from alignlab.records import Pair
+from alignlab.records import Pair, Selected, read_jsonl
 from alignlab.train.batching import response_end_id
-from alignlab.train.core import ADAPTER_DIR
+from alignlab.train.core import ADAPTER_DIR, encode_pairs, pair_forward
 from alignlab.train.deepspeed_trainer import DeepSpeedTrainer
 from alignlab.train.torch_trainer import TorchTrainer, reference_logps
 from tests.conftest import TINY_RUN, alignlab
@@ -158,3 +158,29 @@ def test_lora_on_two_zero_ranks_writes_the_merged_checkpoint_and_adapter_trainer
     merged = load_file(str(tmp_path / "ds" / "checkpoint" / "model.safetensors"))
     moved = [k for k in base if not torch.equal(merged[k], base[k])]
     assert sorted(moved) == sorted(k for k in base if k.endswith(("q_proj.weight", "v_proj.weight")))
+
+
+@pytest.mark.slow
+def test_the_reference_of_a_lora_round_is_its_policy_with_the_adapters_disabled(tmp_path, tiny_dir):
+    """reference=previous_round under LoRA: round 2's recorded reference log-probs are those of round 2's own model
+    (round 1's merged checkpoint + round 2's adapter) with the adapters disabled, and differ with them enabled. The
+    reference stage computes them before the policy is built (one model in memory at a time), not a second copy."""
+    run = tmp_path / "run"
+    alignlab("trainer.lora.enabled=true", "trainer.lora.r=2", "trainer.lora.alpha=4", *TINY_RUN, "rounds=2",
+             "base_eval=false", "trainer.lr=1e-3", "reference=previous_round", f"hydra.run.dir={run}")
+    rd = run / "round_2"
+    pairs = [s.pair for s in read_jsonl(rd / "selected.jsonl", Selected)]
+    (ref_file,) = rd.glob("ref_logps.*.json")
+    ref = json.loads(ref_file.read_text())
+    model = peft.PeftModel.from_pretrained(load_model(run / "round_1" / "checkpoint"),
+                                           str(rd / "checkpoint" / ADAPTER_DIR)).eval()
+    tok = load_tokenizer(tiny_dir)
+    enc = encode_pairs(tok, pairs, 512)  # trainer.max_length (conf/trainer/torch.yaml)
+    with torch.no_grad():
+        with model.disable_adapter():
+            c, r, _, _ = pair_forward(model, enc, tok.pad_token_id)
+        c_on, _, _, _ = pair_forward(model, enc, tok.pad_token_id)
+    assert len(pairs) == len(ref["chosen"]) > 0
+    torch.testing.assert_close(c.double(), torch.tensor(ref["chosen"], dtype=torch.double), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(r.double(), torch.tensor(ref["rejected"], dtype=torch.double), atol=1e-4, rtol=1e-5)
+    assert (c_on.double() - torch.tensor(ref["chosen"], dtype=torch.double)).abs().max() > 1e-3  # adapters trained
