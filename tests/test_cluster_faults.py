@@ -82,20 +82,46 @@ def test_the_cli_refuses_a_second_writer_with_one_line_and_exit_code_2(tmp_path)
     assert sorted(p.name for p in d.iterdir()) == [LOCK_FILE]  # refused before anything was written
 
 
+def _cli(d: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "alignlab.cli", *RUN1, f"hydra.run.dir={d}"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "HYDRA_FULL_ERROR": "0", **ENV})
+
+
 @pytest.mark.slow
 def test_two_runs_on_one_dir_at_once_and_staggered_one_runs_and_ends_as_a_single_run(ref, tmp_path):
-    want = _summary(ref["dir"])
-    for name, stagger in (("at_once", 0.0), ("staggered", 0.4 * ref["wall"])):
+    """rounds=1 (the shared reference run's first round): two processes on one run dir, started together, and the
+    second once the first is mid-run (its base eval written). Whichever holds the lock is paused (SIGSTOP: alive,
+    as a first SLURM incarnation that has not yet died) until the other has exited, so a slow start-up on a loaded
+    machine cannot turn the race into "finished before the other looked". The other exits 2 naming the holder;
+    the holder, resumed, ends as the reference's base eval and round 1."""
+    want_rounds, want_art = _no_rss(_summary(ref["dir"])["rounds"][:1]), _round1_artifacts(ref["dir"])
+    for name in ("at_once", "staggered"):
         d = tmp_path / name
-        a = launch(*RUN, f"hydra.run.dir={d}", env=ENV)
-        time.sleep(stagger)
-        b = subprocess.Popen([sys.executable, "-m", "alignlab.cli", *RUN, f"hydra.run.dir={d}"], cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "HYDRA_FULL_ERROR": "0", **ENV})
-        _, err_b = b.communicate(timeout=600)
-        codes = sorted([a.wait(timeout=600), b.returncode])
-        assert codes == [0, 2], (name, codes, err_b[-2000:])
-        assert _summary(d) == want, name
+        a = _cli(d)
+        if name == "staggered":
+            while not (d / "base_eval.json").exists() and a.poll() is None:
+                time.sleep(0.01)
+            os.kill(a.pid, signal.SIGSTOP)
+        b = _cli(d)
+        procs = {a.pid: a, b.pid: b}
+        holder = a if name == "staggered" else None
+        while holder is None:
+            pid = (read_holder(d) or {}).get("pid")
+            if pid in procs:
+                os.kill(pid, signal.SIGSTOP)
+                holder = procs[pid]
+            elif all(p.poll() is not None for p in procs.values()):
+                break
+            time.sleep(0.005)
+        assert holder is not None, (name, "neither process took the lock")
+        other = b if holder is a else a
+        out_other, _ = other.communicate(timeout=600)
+        os.kill(holder.pid, signal.SIGCONT)
+        out_holder, _ = holder.communicate(timeout=600)
+        assert (holder.returncode, other.returncode) == (0, 2), (name, out_holder[-3000:], out_other[-3000:])
+        assert "run locked" in out_other and f"is in use by pid {holder.pid}" in out_other, out_other[-2000:]
+        assert _no_rss(_summary(d)["rounds"]) == want_rounds and _round1_artifacts(d) == want_art, name
         assert read_holder(d) is None  # the winner released the lock
 
 
@@ -221,6 +247,35 @@ def test_a_pickle_planted_in_the_deepspeed_checkpoint_is_never_executed_on_resum
     assert "it needs builtins.getattr, pathlib.Path" in err.splitlines()[0], err[:500]  # names what the file asked for (Path.touch)
 
 
+def test_resume_state_json_round_trips_training_state_and_builds_only_trusted_objects(tmp_path):
+    """alignlab's DeepSpeed resume state: RNGs continue the same stream, arrays/tensors/tuples/int keys come back
+    as they were, an alignlab object without its constructor; a planted ``__object__`` of another package is refused
+    before import, and no constructor of the state's choosing runs."""
+    import numpy as np
+    import torch
+
+    from alignlab import statejson
+    from alignlab.select.curriculum import KeepSchedule
+
+    rng, prng = np.random.default_rng(7), random.Random(7)
+    rng.random(3)
+    prng.random()
+    state = {"rng": rng, "prng": prng, "a": np.arange(6, dtype=np.float32).reshape(2, 3), "s": np.float64(0.1),
+             "t": torch.get_rng_state(), "tup": (1, "x"), "keys": {3: [1.5, float("nan")]},
+             "sched": KeepSchedule(0.5, None)}
+    back = statejson.loads(statejson.dumps(state))
+    assert back["rng"].random(4).tolist() == rng.random(4).tolist() and back["prng"].random() == prng.random()
+    assert back["a"].dtype == np.float32 and (back["a"] == state["a"]).all() and back["s"] == np.float64(0.1)
+    assert torch.equal(back["t"], state["t"]) and back["tup"] == (1, "x") and back["keys"][3][0] == 1.5
+    assert type(back["sched"]) is KeepSchedule and vars(back["sched"]) == vars(state["sched"])
+    marker = tmp_path / "PWNED"
+    for target in ("subprocess.Popen", "os.system", "builtins.eval"):
+        planted = json.dumps({"step": 1, "x": {"__object__": target, "state": {"args": ["touch", str(marker)]}}})
+        with pytest.raises(SpecError, match="outside the trusted packages"):
+            statejson.loads(planted)
+    assert not marker.exists()
+
+
 def test_no_pickle_is_loaded_anywhere_in_the_package():
     """``grep -rn pickle alignlab/``: no pickle.load(s) of anything (the ranks get JSON, JSONL and safetensors)."""
     hits = [f"{p}:{i}" for p in (ROOT / "alignlab").rglob("*.py")
@@ -315,13 +370,18 @@ DS_RUN = ["data.train_prompts=16", "data.eval_problems=8", "sampler.n=4", "gener
           "rounds=1", "base_eval=false"]
 
 
+TORCH_RUN = [*(a for a in DS_RUN if not a.startswith(("trainer=", "trainer.ranks=", "trainer.threads_per_rank=",
+                                                       "trainer.checkpoint_every="))), "trainer=torch"]
+
+
 @pytest.mark.slow
 def test_sigterm_during_distributed_training_saves_at_a_step_and_resumes_from_it(tmp_path):
-    """trainer=deepspeed_zero2 on 2 gloo ranks, SIGTERM to the whole group mid-training (checkpoint_every=0, so the
-    only DeepSpeed checkpoint is the one the stop wrote): exit 75 within the grace time; the resumed round starts at
-    that step and ends as an uninterrupted run (same pairs, steps, tokens; loss within 1e-4; same accuracy)."""
-    clean = tmp_path / "clean"
-    alignlab(*DS_RUN, f"hydra.run.dir={clean}", env=ENV)
+    """trainer=deepspeed_zero2 on 2 gloo ranks, SIGTERM to the whole group at a random point in training
+    (checkpoint_every=0, so the only DeepSpeed checkpoint is the one the stop wrote): exit 75 within the grace time;
+    the resumed round starts at that step and ends as an uninterrupted trainer=torch run (same pairs, steps, tokens;
+    loss within 1e-4; same accuracy)."""
+    clean = tmp_path / "clean"  # the reference: trainer=torch in one process (a DeepSpeed round equals it:
+    alignlab(*TORCH_RUN, f"hydra.run.dir={clean}", env=ENV)  # test_deepspeed), no rank launches to pay for
     train_s = json.loads((clean / "round_1" / "train.json").read_text())["train_seconds"]
     delay = random.Random(34).uniform(0.0, 0.5 * train_s)  # a random point in the first half of training
     r = _sigterm_trial(tmp_path / "stopped", "round_1/checkpoint.ds/history.jsonl", delay, DS_RUN)
