@@ -19,6 +19,7 @@ run() {  # arm seed args...
     mkdir -p $R/$arm/s$s/$(basename $k)
     cp $k/ledger.json $k/train.json $k/eval.json $k/metrics.json $R/$arm/s$s/$(basename $k)/ 2>/dev/null || true
   done
+  find $R/$arm/s$s -name "*.json" -exec sed -i "s#$PWD/##g" {} +  # repository-relative paths, as in the docs
   echo "done $arm s$s $(date +%T)"
 }
 for s in $SEEDS; do
