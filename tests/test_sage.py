@@ -531,3 +531,64 @@ def test_trained_pairs_counted_distinct_and_total_and_a_step_budget(tiny_dir, tm
     assert res.summary["trained_pairs_distinct"] == 12
     with pytest.raises(ValueError, match="max_steps"):
         TorchTrainer(max_steps=0)
+
+
+def _g(z):
+    """sigmoid(-z) written out, not sage.sigmoid: the gradient signal of a DPO margin z."""
+    return 1.0 / (1.0 + np.exp(np.asarray(z, dtype=float)))
+
+
+@pytest.mark.parametrize("lam", [1e-3, 0.1, 2.0])
+def test_newton_and_stable_closed_forms_at_zero_margin_and_without_curvature(lam):
+    """Closed forms of sage.py's documented scores, with the issue's names mapped to the code's: ``newton`` is
+    g^2 / (c + lam) (g = sigmoid(-z), c = sigmoid(z) sigmoid(-z); ``SageSelector(lam=..., curvature=...)``).
+
+    * z = 0: g = 1/2, c = 1/4, so newton = 0.25 / (0.25 + lam).
+    * ``stable`` at mu = 0 for any s^2: E[g] = 1/2 by symmetry and E[c] + Var[g] = E[g] - E[g]^2 = 1/4
+      (c = g - g^2), so it is 0.25 / (0.25 + lam) too (the docstring's "at z = 0 its value does not depend on s^2").
+    * ``curvature=false``: the curvature term is dropped, newton = g^2 / lam; ``stable`` with s = 0 equals it.
+    """
+    sel = {curv: {form: _sel(score=form, lam=lam, curvature=curv) for form in ("newton", "stable")}
+           for curv in (True, False)}
+    np.testing.assert_allclose(sel[True]["newton"].score(np.zeros(1), np.zeros(1)), [0.25 / (0.25 + lam)], rtol=1e-12)
+    s2 = np.array([0.0, 0.3, 1.0, 4.0, 9.0])
+    np.testing.assert_allclose(sel[True]["stable"].score(np.zeros(5), s2), np.full(5, 0.25 / (0.25 + lam)), rtol=1e-9)
+    z = np.array([-6.0, -2.5, -0.3, 0.0, 0.7, 3.0, 8.0])
+    want = _g(z) ** 2 / lam
+    np.testing.assert_allclose(sel[False]["newton"].score(z, np.zeros(7)), want, rtol=1e-12)
+    np.testing.assert_allclose(sel[False]["stable"].score(z, np.zeros(7)), want, rtol=1e-9)
+    with_c = _g(z) ** 2 / (_g(z) * (1 - _g(z)) + lam)  # and with the curvature on, the written-out decrement
+    np.testing.assert_allclose(sel[True]["newton"].score(z, np.zeros(7)), with_c, rtol=1e-12)
+
+
+@pytest.mark.parametrize("curvature", [True, False])
+def test_stable_score_with_margin_variance_is_its_gaussian_expectation_by_monte_carlo(curvature):
+    """``stable`` with s^2 > 0 is, by its docstring, newton's decrement with z ~ N(mu, s^2):
+    E[g]^2 / (E[c] * curvature + Var[g] + lam). Here z is sampled (2e6 draws per pair), the three moments are the
+    sample means, and the score must agree within 5 Monte-Carlo standard errors (from 40 independent batches).
+    s^2 comes through ``stability=token`` as ``SageSelector.features`` maps per-token variances: the summed margin
+    of n tokens of variance v has variance n v, times beta^2 for z = beta * h."""
+    lam, beta = 1e-2, 0.5
+    sel = _sel(score="stable", stability="token", lam=lam, beta=beta, curvature=curvature)
+    h = np.array([-8.0, -3.0, -1.0, 0.5, 2.0, 6.0])  # chosen minus rejected log-ratio (summed)
+    nc, nr = np.array([10, 4, 20, 8, 3, 12]), np.array([6, 9, 20, 5, 7, 2])
+    var_c, var_r = np.array([0.3, 0.5, 0.05, 0.4, 0.2, 0.5]), np.array([0.1, 0.2, 0.05, 0.3, 0.6, 0.1])
+    mu, s2 = sel.features(h, np.zeros(6), np.zeros(6), np.zeros(6), nc, nr, var_c, var_r)
+    np.testing.assert_allclose(mu, beta * h, rtol=1e-12)
+    np.testing.assert_allclose(s2, beta**2 * (nc * var_c + nr * var_r), rtol=1e-12)
+    assert s2.min() > 0.2
+    got = sel.score(mu, s2)
+
+    rng = np.random.default_rng(35)
+    batches = []
+    for _ in range(40):
+        z = mu[:, None] + np.sqrt(s2)[:, None] * rng.standard_normal((6, 50_000))
+        g = _g(z)
+        eg, vg, ec = g.mean(axis=1), g.var(axis=1), (g * (1 - g)).mean(axis=1)
+        batches.append(eg**2 / (ec * curvature + vg + lam))
+    batches = np.array(batches)
+    mc, se = batches.mean(axis=0), batches.std(axis=0, ddof=1) / np.sqrt(len(batches))
+    assert np.all(np.abs(got - mc) < 5 * se + 1e-9 * mc), (got, mc, se)
+    # not a function of the mean margin alone: s^2 moves the score away from newton's at the same mu
+    newton = _sel(score="newton", lam=lam, curvature=curvature).score(mu, s2)
+    assert np.all(np.abs(newton - mc) > 20 * se), (newton, mc, se)
