@@ -6,6 +6,7 @@ log-probs come from the right checkpoints of the chain, checked against unbatche
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -47,14 +48,14 @@ def _recompute(run: Path, k: int) -> dict[str, int]:
     seq = _seq_tokens(tok, pool, max_len)
     epochs = int(cfg.trainer.epochs)
     kept_file = rd / "kept_pairs.jsonl"
-    if kept_file.exists():  # SAGE in-step: trained = the kept pair instances; scored = every candidate each epoch
+    if kept_file.exists():  # an in-step filter: trained = the kept pair instances
         trained = sum(seq[row["pair"]] for row in read_jsonl(kept_file))
-        stable = cfg.selector.score == "stable" and float(cfg.selector.stability_weight) > 0
-        steps = json.loads((rd / "train.json").read_text())["steps"]
-        # + the pool's margin records (at the start and every snapshot_every steps) or, for token-level stability,
-        # the round's starting policy once
-        records = (1 + (steps - 1) // int(cfg.selector.snapshot_every)) if cfg.selector.stability == "checkpoints" else 1
-        scoring = sum(seq) * (epochs + (records if stable else 0))
+        # SAGE's no-grad forwards: every scored candidate (sage_candidates.jsonl) + each whole-pool pass it logged
+        # (train_steps.json: margin records, or token-level stability's start); selector=random mode=step: none
+        cands = rd / "sage_candidates.jsonl"
+        candidates = sum(seq[row["pair"]] for row in read_jsonl(cands)) if cands.exists() else 0
+        passes = len(json.loads((rd / "train_steps.json").read_text()).get("pool_scoring_steps", []))
+        scoring = candidates + passes * sum(seq)
     else:
         trained, scoring = sum(seq) * epochs, 0
     # each reference pass leaves its cached log-probs (one file per checkpoint it ran: two for reference=mix)
@@ -108,6 +109,13 @@ def test_sage_round_ledger_charges_scoring_and_the_curriculum_advances_per_round
         assert train["curriculum_stage"] == k and 0 <= train["curriculum_competence"] <= 1
         steps = json.loads((tmp_path / f"round_{k}" / "train_steps.json").read_text())
         assert steps["stage"] == k and steps["advance_by"] == "rounds"
+        # what _recompute charged: whole-pool passes on the documented schedule of stability=checkpoints (the
+        # start, then every snapshot_every optimiser steps) and each selected pair scored once per epoch
+        cfg = OmegaConf.load(tmp_path / ".hydra" / "config.yaml")
+        assert steps["pool_scoring_steps"] == list(range(0, train["steps"], int(cfg.selector.snapshot_every)))
+        pool = read_jsonl(tmp_path / f"round_{k}" / "selected.jsonl", Selected)
+        cands = Counter(row["pair"] for row in read_jsonl(tmp_path / f"round_{k}" / "sage_candidates.jsonl"))
+        assert cands == {i: int(cfg.trainer.epochs) for i in range(len(pool))}
 
 
 @pytest.mark.slow

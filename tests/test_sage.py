@@ -592,3 +592,33 @@ def test_stable_score_with_margin_variance_is_its_gaussian_expectation_by_monte_
     # not a function of the mean margin alone: s^2 moves the score away from newton's at the same mu
     newton = _sel(score="newton", lam=lam, curvature=curvature).score(mu, s2)
     assert np.all(np.abs(newton - mc) > 20 * se), (newton, mc, se)
+
+
+@pytest.mark.parametrize("score,stability,every", [("stable", "checkpoints", 2), ("stable", "checkpoints", 4),
+                                                   ("stable", "token", 4), ("newton", "checkpoints", 4)])
+def test_pool_scoring_passes_logged_for_the_ledger_are_the_forwards_the_filter_ran(tmp_path, score, stability, every):
+    """``pool_scoring_steps`` (train_steps.json; test_ledger counts the ledger's whole-pool scoring charge from it)
+    lists exactly the whole-pool forwards the filter asked for, counted here at the policy; score_forward_tokens is
+    every forward's tokens. The schedule is the documented one: for stability=checkpoints the start and every
+    ``snapshot_every`` steps, for stability=token the start once, for newton none."""
+    n, steps = 12, 6
+    policy = _MovingPolicy({i: [float(np.sin(i)), float(np.cos(i))] for i in range(n)})
+    state = _moving_state(tmp_path, policy, n=n)
+    calls: list[tuple[int, list[int]]] = []
+    inner = state.token_logps
+    state.token_logps = lambda idx: (calls.append((state.step, list(idx))), inner(idx))[1]
+    sel = SageSelector(keep_ratio=0.5, granularity="step", curriculum=None, score=score, stability=stability,
+                       snapshot_every=every)
+    f = sel.callbacks()[0]
+    f.on_train_begin(state)
+    for step in range(steps):
+        state.step, policy.t = step, step % 2
+        f.on_step_begin(state)
+        f.on_batch(state, [2 * step, 2 * step + 1])
+        f.on_step_end(state)
+    f.on_train_end(state, [])
+    whole = [s for s, idx in calls if idx == list(range(n))]
+    assert state.log["pool_scoring_steps"] == whole
+    assert state.log["score_forward_tokens"] == sum(4 * len(idx) for _, idx in calls)  # 2 + 2 ids per pair
+    want = {"checkpoints": list(range(0, steps, every)), "token": [0]}[stability] if score == "stable" else []
+    assert whole == want

@@ -329,6 +329,8 @@ class SageStepFilter(TrainerCallback):
         self.rng = np.random.default_rng(state.seed)
         self.start = state.token_logps(list(range(len(enc)))) if self.sel.uses_token_stats else None
         self.score_tokens = sum(len(c.ids) + len(r.ids) for c, r in enc) if self.start is not None else 0
+        # the optimiser steps at which the whole pool was scored (charged in score_tokens; train_steps.json)
+        self.pool_scoring_steps: list[int] = [int(state.step)] if self.start is not None else []
         self.snapshots: list[np.ndarray] = []  # the pool's margins at recent checkpoints (stability=checkpoints)
         self.recording = self.sel.uses_checkpoints
         if self.recording:
@@ -362,6 +364,7 @@ class SageStepFilter(TrainerCallback):
         pol = state.token_logps(idx)
         margins = self._margins(pol, idx)
         self.score_tokens += sum(len(c.ids) + len(r.ids) for c, r in state.enc)
+        self.pool_scoring_steps.append(int(state.step))
         got = np.array([[float(c.sum()), float(r.sum())] for c, r in pol])
         ref = np.stack([self.ref_c[idx], self.ref_r[idx]], axis=1)
         if np.all(np.abs(got - ref) <= REF_RTOL * (np.abs(ref) + 1.0)):
@@ -445,6 +448,7 @@ class SageStepFilter(TrainerCallback):
             "competence": self.plan["competence"], "stage": None if self.plan["stage"] is None else self.plan["stage"] + 1,
             "advance_by": self.plan.get("advance_by"),
             "candidates": len(self.log["mu"]), "kept": len(self.log["kept_mu"]), "score_forward_tokens": self.score_tokens,
+            "pool_scoring_steps": self.pool_scoring_steps,
             "buckets": {b: {"candidates": n, "kept": self.took.get(b, 0), "kept_fraction": self.took.get(b, 0) / n}
                         for b, n in sorted(self.avail.items())},
             "score_log10_edges": SCORE_EDGES, "score_hist_all": histogram(ls, SCORE_EDGES),
