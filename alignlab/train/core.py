@@ -199,11 +199,15 @@ def save_checkpoint(model, tok, out: str | Path, source_dir: str | Path | None =
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
-        if is_lora(model):
-            model.save_pretrained(tmp / ADAPTER_DIR)  # adapter_config.json + adapter_model.safetensors
-            model = model.merge_and_unload()
-        for obj, kw in ((model, {"safe_serialization": True, "state_dict": state_dict}), (tok, {})):
-            obj.save_pretrained(tmp, **kw)  # the weights (safetensors), then the tokenizer
+        def writes(model: Any):  # lazily: a LoRA adapter is saved, then merged, before the weights are
+            if is_lora(model):
+                yield model, tmp / ADAPTER_DIR, {}  # adapter_config.json + adapter_model.safetensors
+                model = model.merge_and_unload()
+            yield model, tmp, {"safe_serialization": True, "state_dict": state_dict}
+            yield tok, tmp, {}
+
+        for obj, where, kw in writes(model):
+            obj.save_pretrained(where, **kw)  # adapter (LoRA), weights (safetensors), tokenizer
         meta = resolve_path(str(source_dir)) / "alignlab_model.json" if source_dir else None
         if meta is not None and meta.exists():
             shutil.copy(meta, tmp / meta.name)
