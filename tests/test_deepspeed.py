@@ -187,7 +187,7 @@ def test_a_deepspeed_run_is_not_resumed_for_other_inputs(job, model_dir, tmp_pat
     (work / "ds_ckpt" / "complete").write_text("step2")
     (work / "job.json").write_text(json.dumps({"fingerprint": "another job"}))
     t = ds_trainer(2)
-    t._prepare(work, t._job("train", model_dir, out, SEED), "this job", job["pairs"], job["ref"], LOSS)
+    t._prepare(work, t._job("train", model_dir, out, SEED), "this job", job["pairs"], job["ref"])
     assert not (work / "ds_ckpt").exists() and json.loads((work / "job.json").read_text())["fingerprint"] == "this job"
 
 

