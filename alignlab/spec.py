@@ -26,6 +26,7 @@ from typing import Any
 
 TARGET, STATE = "_target_", "_state_"
 PACKAGES_ENV = "ALIGNLAB_SPEC_PACKAGES"
+LAUNCH_ENV = "ALIGNLAB_LAUNCH"  # one id per launch of the ranks, stamped on their error reports
 _PRIMS = (str, int, float, bool, type(None))
 _BUILT: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
 _BUILT_IDS: dict[int, dict[str, Any]] = {}  # objects that cannot be weakly referenced (slots), by id

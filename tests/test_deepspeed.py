@@ -28,6 +28,7 @@ from alignlab.losses import DPOLoss
 from alignlab.models import ModelSpec, load_model, load_tokenizer
 from alignlab.records import Pair, read_jsonl
 from alignlab.select.sage import SageSelector, keep_count
+from alignlab.train import NonFiniteLossError
 from alignlab.train.deepspeed_trainer import DeepSpeedTrainer
 from alignlab.train.torch_trainer import TorchTrainer, batch_plan, encode_pairs, reference_logps
 from tests.conftest import ROOT
@@ -384,3 +385,25 @@ def test_zero2_step_with_no_kept_pairs_and_a_step_budget_match_torch_trainer(job
         torch.testing.assert_close(g[k], w[k], atol=1e-4, rtol=1e-3, msg=k)
     with pytest.raises(ValueError, match="max_steps"):
         DeepSpeedTrainer(micro_batch_size=1, max_steps=0)
+
+
+def test_error_reports_of_an_earlier_launch_are_ignored(tmp_path):
+    """A killed launch's rank outlived the kill and wrote its gloo error after the resumed launch began (seen in
+    test_zero3_round_killed_mid_way_resumes_and_matches_torch_trainer): only the current launch's reports count."""
+    from alignlab.train.deepspeed_trainer import launch_errors
+
+    (tmp_path / "error.rank0.json").write_text(json.dumps({"rank": 0, "type": "RuntimeError", "launch": "old"}))
+    (tmp_path / "error.rank1.json").write_text("{torn")
+    assert launch_errors(tmp_path, "new") == []
+    (tmp_path / "error.rank1.json").write_text(json.dumps({"rank": 1, "type": "ValueError", "launch": "new"}))
+    assert [e["rank"] for e in launch_errors(tmp_path, "new")] == [1]
+
+
+def test_a_rank_error_of_this_launch_reaches_the_runner(job, model_dir, tmp_path):
+    """The other half of the rule above: a real rank error (a gradient norm over the abort threshold) is this
+    launch's and is raised as the worker raised it."""
+    trainer = DeepSpeedTrainer(micro_batch_size=MICRO, grad_accum=ACCUM, ranks=RANKS, threads_per_rank=1,
+                               deepspeed={"zero_optimization": {"stage": 2}},
+                               **{**SETTINGS, "max_grad_norm_abort": 1e-9})
+    with pytest.raises(NonFiniteLossError, match="previous checkpoint is intact"):
+        trainer.train(model_dir, job["pairs"], job["ref"], LOSS, tmp_path / "checkpoint", seed=SEED)

@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from alignlab import preempt
 from alignlab.checks import read_hostfile, read_json_object, require_nvme_dir
 from alignlab.logging import RankBars, progress
 from alignlab.records import DiskFull, Pair, atomic_write_text
-from alignlab.spec import PACKAGES_ENV, packages_of, round_trip
+from alignlab.spec import LAUNCH_ENV, PACKAGES_ENV, packages_of, round_trip
 from alignlab.train import NonFiniteLossError, TrainResult
 from alignlab.train.core import LoraSettings
 
@@ -332,7 +333,9 @@ class DeepSpeedTrainer:
         cmd = self.launch_command(work, module)
         import socket
 
+        launch = uuid.uuid4().hex
         env = {**os.environ, "OMP_NUM_THREADS": str(self._threads()), "TOKENIZERS_PARALLELISM": "false",
+               LAUNCH_ENV: launch,
                PACKAGES_ENV: ",".join(packages or []),
                "ALIGNLAB_RUNNER_PID": str(os.getpid()), "ALIGNLAB_RUNNER_HOST": socket.gethostname(),
                "PYTHONPATH": os.pathsep.join([str(PACKAGE_PARENT), *filter(None, [os.environ.get("PYTHONPATH")])])}
@@ -364,9 +367,9 @@ class DeepSpeedTrainer:
             logf.close()
         if preempt.requested():
             raise preempt.Preempted(preempt.requested())
-        errors = sorted(work.glob("error.rank*.json"))
+        errors = launch_errors(work, launch)
         if errors:
-            err = json.loads(errors[0].read_text())
+            err = errors[0]
             if err.get("disk_full"):
                 raise DiskFull(err.get("filename") or work)
             if err["type"] == "NonFiniteLossError":
@@ -387,6 +390,20 @@ class DeepSpeedTrainer:
         shutil.rmtree(work / "ds_ckpt", ignore_errors=True)
         for name in ("pairs.jsonl", "ref_logps.json", "loss.pkl", "callbacks.pkl"):
             (work / name).unlink(missing_ok=True)
+
+
+def launch_errors(work: Path, launch: str) -> list[dict[str, Any]]:
+    """The ranks' error reports of this launch only: a rank of a killed earlier launch can outlive the kill by a
+    second or two (its collective fails when its peer dies) and write its report after the resumed launch began."""
+    out = []
+    for path in sorted(work.glob("error.rank*.json")):
+        try:
+            err = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if err.get("launch") == launch:
+            out.append(err)
+    return out
 
 
 def _die_with_parent() -> None:

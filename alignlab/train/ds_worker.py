@@ -34,7 +34,7 @@ from alignlab._compat import skip_cpu_shm_allreduce, zero3_full_state_dict
 from alignlab.losses import PairLogps
 from alignlab.models import load_model, load_tokenizer, resolve_path
 from alignlab.records import Pair, atomic_write_text, is_disk_full
-from alignlab.spec import from_spec
+from alignlab.spec import LAUNCH_ENV, from_spec
 from alignlab.train import NonFiniteLossError
 from alignlab.train.batching import collate, token_logps, token_logps_of
 from alignlab.train.callbacks import CallbackList, GradStats, TrainState, write_step_log
@@ -522,6 +522,7 @@ def main(argv: list[str] | None = None) -> None:
         (run_train if job["mode"] == "train" else run_logps)(work, job)
     except Exception as e:  # noqa: BLE001 - report the first failing rank's error to the parent
         err = {"type": type(e).__name__, "message": str(e), "rank": dist.get_rank(),
+               "launch": os.environ.get(LAUNCH_ENV),  # which launch: a killed one's orphan may still write here
                "traceback": traceback.format_exc(), "disk_full": is_disk_full(e),
                "filename": getattr(e, "filename", None)}
         path = work / f"error.rank{dist.get_rank()}.json"
