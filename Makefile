@@ -33,8 +33,11 @@ endif
 run: install   ## the embedded quickstart: base eval + 3 rounds of DPO-R1 (N=8)
 	$(VENV)/bin/alignlab experiment=quickstart $(ARGS)
 
+# Two workers, one test file each (module fixtures built once): the suite's single-core stretches (imports,
+# one-thread runs) overlap. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: install  ## the test suite (pytest exit code 5, "no tests", fails too)
-	$(PY) -m pytest -q -p no:cacheprovider $(ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check alignlab tests experiments

@@ -127,3 +127,15 @@ def test_every_experiment_preset_composes_and_builds(preset, tiny_dir, tmp_path,
         HydraConfig.instance().set_config(cfg)
         comps = build_components(cfg, _choices(cfg))
         assert set(comps) >= {"sampler", "loss", "reference", "trainer", "selector"}, (preset, extra)
+
+
+@pytest.mark.parametrize("preset, generator", [
+    ("quickstart", "HFGenerator"),                  # 1.3M parameters: an engine start costs more than it saves
+    ("smollm2_arith", "HFGenerator"),               # one reduced round, near vLLM's break-even on CPU
+    ("smollm2_pace_vs_dpo_r1", "VLLMGenerator"),    # study-sized rounds on a real model
+    ("dpo_r1_qwen_1.5b", "VLLMGenerator"),          # GPUs
+    ("dpo_r1_qwen_math_7b", "VLLMGenerator"),
+])
+def test_each_preset_defaults_to_the_generator_measured_fastest_for_its_workload(preset, generator):
+    """experiments/perf/README.md: vLLM wins once a round generates more than ~4,400 tokens per engine start."""
+    assert _compose([f"experiment={preset}"]).generation._target_.rsplit(".", 1)[1] == generator

@@ -244,13 +244,19 @@ def test_smollm2_conversion_round_and_eval(smollm2_dir, tmp_path):
     assert prompt.endswith("<|im_start|>assistant\n") and len(tok) == 49152
     assert tok.convert_tokens_to_ids("<|im_end|>") in stop_token_ids(tok)
 
-    out = tmp_path / "run"  # one tiny round; label noise makes pairs from wrong answers (reduced README round)
-    alignlab("experiment=smollm2_arith", "data.train_prompts=3", "data.eval_problems=2", "sampler.n=4",
-             "generation.max_new_tokens=24", "verifier=noisy", "verifier.epsilon=0.5", "logger=none", "threads=1",
-             f"hydra.run.dir={out}", timeout=900)
+    # one tiny round; label noise makes pairs from wrong answers (reduced README round). Its generation runs on vLLM
+    # (the CPU build; its one SmolLM2 round in the suite), and the eval below on alignlab's sampler: both generators
+    # meet the real model's tokenizer, chat template and <|im_end|> stop.
+    out = tmp_path / "run"
+    alignlab("experiment=smollm2_arith", "generation=vllm", "data.train_prompts=3", "data.eval_problems=2",
+             "sampler.n=4", "generation.max_new_tokens=24", "verifier=noisy", "verifier.epsilon=0.5", "logger=none",
+             "threads=1", f"hydra.run.dir={out}", timeout=900)
     summary = json.loads((out / "summary.json").read_text())
     rnd = summary["rounds"][0]
     assert rnd["pairs"] >= 1 and rnd["ledger"]["trained_tokens"] > 0
+    assert rnd["ledger"]["samples"] == 12 and rnd["ledger"]["generated_tokens"] > 0
+    rollouts = [json.loads(x) for x in (out / "round_1" / "rollouts.jsonl").read_text().splitlines()]
+    assert len(rollouts) == 12 and all("<|im_end|>" not in r["text"] for r in rollouts)
     assert rnd["eval"]["max_new_tokens"] == 24 and 0.0 <= rnd["eval"]["finished_rate"] <= 1.0
     ckpt = out / "round_1" / "checkpoint"
     assert json.loads((ckpt / MARKER).read_text())["config"] == "smollm2_135m_instruct"
@@ -310,8 +316,10 @@ def test_smollm2_sft_arith_dry_run(tiny_smollm2, tmp_path):
 def test_smollm2_pace_vs_dpo_r1_dry_run(tiny_smollm2, tmp_path, arm):
     pace = ["sampler=pace", "pair_builder=corrective", "loss=pace_proximal", "sampler.gates.arith_steps=null"]
     out = tmp_path / arm
+    # generation=hf: the preset's vLLM engines are exercised by tests/test_vllm.py; here two arms' worth of engine
+    # starts would only cost time.
     alignlab("experiment=smollm2_pace_vs_dpo_r1", f"model.path={tiny_smollm2}", *(pace if arm == "pace" else []),
-             "rounds=1", "data.train_prompts=3", "data.eval_problems=3", "sampler.n=2", "generation.max_new_tokens=8",
+             "generation=hf", "rounds=1", "data.train_prompts=3", "data.eval_problems=3", "sampler.n=2", "generation.max_new_tokens=8",
              "generation.dtype=float32", "model.dtype=float32", "verifier=noisy", "verifier.epsilon=0.5",
              "trainer.batch_size=2", "trainer.epochs=1", "logger=none", "threads=1", f"hydra.run.dir={out}")
     summary = json.loads((out / "summary.json").read_text())

@@ -8,7 +8,9 @@ import json
 import math
 import re
 import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -322,16 +324,28 @@ def test_docs_mark_the_runnable_commands():
 @pytest.mark.slow
 def test_docs_cpu_rehearsal_of_the_real_model_path(tiny_qwen, tmp_path):
     """The docs' CPU rehearsal: 1 round of dpo_r1_qwen_1.5b on a tiny random Qwen2, 2 DeepSpeed ranks via a
-    single-host hostfile, GSM8K prompts; then its evaluation and config-printing commands."""
+    single-host hostfile, GSM8K prompts, one vLLM engine per rank on its shard of the prompts (never in the runner
+    process); then its evaluation and config-printing commands. The same round is run a second time, SIGKILLed
+    during distributed generation and resumed: it ends with the same rollouts and summary (one test, so that the
+    uninterrupted reference is the docs' own run)."""
+    from tests.conftest import kill_group
+    from tests.test_vllm import GUARDED
+
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
     run_dir = tmp_path / "run"
     subst = {"$TINY_QWEN": str(tiny_qwen), "$HOSTFILE": str(hostfile), "$RUN": str(run_dir)}
     cmds = doc_commands()
-    for cmd in cmds:
+    for i, cmd in enumerate(cmds):
         for k, v in subst.items():
             cmd = cmd.replace(k, v)
         args = cmd.split()[1:]
+        if i == 0:  # the round, in a process that may not generate or run a model itself
+            res = subprocess.run([sys.executable, "-c", GUARDED, *args], cwd=ROOT, capture_output=True, text=True,
+                                 timeout=900)
+            assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+            round_args = args
+            continue
         res = alignlab(*args, timeout=900)
         if "--cfg" in args:
             assert "experiment_name: dpo_r1_qwen_math_7b" in res.stdout and "lr: 5.0e-07" in res.stdout
@@ -350,3 +364,30 @@ def test_docs_cpu_rehearsal_of_the_real_model_path(tiny_qwen, tmp_path):
     assert prob["source"] == "gsm8k_train"
     ev = json.loads((run_dir / "eval" / "eval.json").read_text())
     assert len(ev) == 8 and all(v["n"] == 2 for v in ev.values())
+    assert r["ledger"]["ranks"]["sample"] == 2
+    rollouts = [json.loads(x) for x in (run_dir / "round_1" / "rollouts.jsonl").read_text().splitlines()]
+    prompts = [json.loads(x) for x in (run_dir / "round_1" / "prompts.jsonl").read_text().splitlines()]
+    order = list(dict.fromkeys(x["problem_id"] for x in rollouts))
+    assert order == [p.get("problem_id", p.get("id")) for p in prompts]  # the ranks' shards, merged in prompt order
+
+    killed = tmp_path / "killed"
+    args = [a if not a.startswith("hydra.run.dir=") else f"hydra.run.dir={killed}" for a in round_args]
+    proc = subprocess.Popen([sys.executable, "-c", GUARDED, *args], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300  # a hang guard only; the check below reads the artifact
+    while not list(killed.glob(".generate/generate-*/job.json")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert list(killed.glob(".generate/generate-*/job.json")), "distributed generation never started"
+    time.sleep(8)  # the ranks' engines are starting or decoding
+    kill_group(proc)
+    assert not (killed / "round_1" / "rollouts.jsonl").exists()
+    res = subprocess.run([sys.executable, "-c", GUARDED, *args, "resume=true"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert (run_dir / "round_1" / "rollouts.jsonl").read_bytes() == (killed / "round_1" / "rollouts.jsonl").read_bytes()
+    b = json.loads((killed / "summary.json").read_text())["rounds"][0]
+    for k in ("pairs", "selected"):
+        assert r[k] == b[k]
+    for k in ("samples", "generated_tokens", "trained_tokens", "flops"):
+        assert r["ledger"][k] == b["ledger"][k], k
+    assert r["eval"]["accuracy"] == b["eval"]["accuracy"]
