@@ -27,3 +27,16 @@ for s in $SEEDS; do
   run pace $s experiment=pace
   for n in 2 4 8 16; do run dpo_r1_n$n $s experiment=pace_vs_dpo_r1 sampler.n=$n; done
 done
+# The noise grid (issue 29), after the main study: N in {2,4,8,16} x eps in {0.1,0.2} for DPO-R1 and eps in
+# {0,0.1,0.2} for PACE, `sampler.gates.arith_steps=null` in PACE (DPO-R1 has no gates: both trust the same outcome
+# verifier; eps=0 DPO-R1 is the main study). Seeds fixed before the runs: 0 1 2.
+NOISE_SEEDS="${NOISE_SEEDS:-0 1 2}"
+for s in $NOISE_SEEDS; do
+  for e in 0 0.1 0.2; do
+    run pace_noarith_eps$e $s experiment=pace sampler.gates.arith_steps=null \
+      $( [ "$e" != 0 ] && echo verifier=noisy verifier.epsilon=$e )
+  done
+  for e in 0.1 0.2; do
+    for n in 2 4 8 16; do run dpo_r1_n${n}_eps$e $s experiment=pace_vs_dpo_r1 sampler.n=$n verifier=noisy verifier.epsilon=$e; done
+  done
+done

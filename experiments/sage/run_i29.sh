@@ -29,3 +29,11 @@ for s in $SEEDS; do
   run sage_no_stability $s selector=sage trainer.epochs=4 selector.stability_weight=0
   run sage_no_curriculum $s selector=sage trainer.epochs=4 selector.curriculum=null
 done
+# Full at SAGE's FLOPs (decided after the 25 runs above, before running it): every pair, capped at S optimiser steps
+# per round, S = SAGE's train-stage FLOPs / Full's FLOPs per step, averaged over the seed's two rounds and rounded
+# (from results/i29/runs/{sage,full}/s<seed>/round_<k>/{ledger,train}.json: 37.3+34.7, 37.3+27.6, 35.0+37.6,
+# 30.6+36.0, 42.8+37.6). This is experiment=sage_full_at_flops's config, named sage_vs_dpo like the other arms.
+declare -A FULL_STEPS=([0]=36 [1]=32 [2]=36 [3]=33 [4]=40)
+for s in $SEEDS; do
+  run full_at_sage_flops $s selector=full trainer.epochs=8 trainer.max_steps=${FULL_STEPS[$s]}
+done
