@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     plots = write_plots(stats, out)
     md = write_markdown(runs, stats, out, plots, paired)
-    write_csv(runs, out, paired)
+    write_csv(runs, out, paired, by=args.by)
     bad = sum(not r.ok for r in runs)
     print(f"{len(runs)} runs ({bad} failed or incomplete), {len(stats)} configurations -> {md}")
     return 0

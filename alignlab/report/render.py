@@ -174,15 +174,17 @@ def write_markdown(runs: Sequence[Run], stats: Sequence[ConfigStats], out: Path,
     return path
 
 
-def write_csv(runs: Sequence[Run], out: Path, paired: Paired | None = None) -> Path:
+def write_csv(runs: Sequence[Run], out: Path, paired: Paired | None = None, by: Sequence[str] | None = None) -> Path:
     """report.csv: one flat row per run per round (failed runs' partial rounds included, see `status`), with the
     round's sampling diagnostics where the runs recorded them and, with a baseline, the paired difference of the
-    run's configuration at that round."""
+    run's configuration at that round. With ``--by``, a ``grouped_by`` column names the keys the configurations
+    (and so the paired columns) were grouped by."""
     frame = rounds_frame(runs)
     override_cols = sorted({k for r in runs for k in r.overrides if k not in CSV_FIXED + ROUND_COLUMNS and k != "seed"})
     run_cols = {
         "run_dir": [_rel(r.path, out) for r in runs],
         "config": [" ".join(f"{k}={v}" for k, v in r.key()) for r in runs],
+        **({"grouped_by": [" ".join(by)] * len(runs)} if by else {}),
         "experiment": [r.experiment for r in runs],
         "seed": [r.seed for r in runs],
         "status": [r.status for r in runs],
