@@ -248,12 +248,20 @@ def test_smollm2_conversion_round_and_eval(smollm2_dir, tmp_path):
     # (the CPU build; its one SmolLM2 round in the suite), and the eval below on alignlab's sampler: both generators
     # meet the real model's tokenizer, chat template and <|im_end|> stop.
     out = tmp_path / "run"
+    # The round trains LoRA adapters (issue 33: a LoRA round on SmolLM2 trains, its merged checkpoint evaluates
+    # below, and train.json reports trainable parameters and peak memory); full fine-tuning runs on the tiny model.
     alignlab("experiment=smollm2_arith", "generation=vllm", "data.train_prompts=3", "data.eval_problems=2",
              "sampler.n=4", "generation.max_new_tokens=24", "verifier=noisy", "verifier.epsilon=0.5", "logger=none",
-             "threads=1", f"hydra.run.dir={out}", timeout=900)
+             "trainer.lora.enabled=true", "threads=1", f"hydra.run.dir={out}", timeout=900)
     summary = json.loads((out / "summary.json").read_text())
     rnd = summary["rounds"][0]
     assert rnd["pairs"] >= 1 and rnd["ledger"]["trained_tokens"] > 0
+    train = json.loads((out / "round_1" / "train.json").read_text())
+    # LoRA r=16 adds r x (in + out) per linear layer: SmolLM2's 30 blocks have q, o (576 -> 576), k, v (576 -> 192),
+    # gate, up (576 -> 1536) and down (1536 -> 576); the head is not adapted
+    per_block = 16 * (2 * (576 + 576) + 2 * (576 + 192) + 3 * (576 + 1536))
+    assert train["trainable_params"] == 30 * per_block == 4_884_480 and train["peak_rss_mib"] > 0
+    assert (out / "round_1" / "checkpoint" / "adapter").is_dir()
     assert rnd["ledger"]["samples"] == 12 and rnd["ledger"]["generated_tokens"] > 0
     rollouts = [json.loads(x) for x in (out / "round_1" / "rollouts.jsonl").read_text().splitlines()]
     assert len(rollouts) == 12 and all("<|im_end|>" not in r["text"] for r in rollouts)
