@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,16 @@ def launch(*args: str, cwd: Path | None = None, env: dict | None = None) -> subp
     e = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "alignlab.cli", *args], cwd=cwd or ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=e, start_new_session=True)
+
+
+def wait_for_artifact(pattern: str, root: Path, proc: subprocess.Popen, timeout: float = 300) -> bool:
+    """Whether a file matching ``pattern`` appears under ``root`` while ``proc`` runs (``timeout``: a hang guard)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if any(root.glob(pattern)):
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def kill_group(proc: subprocess.Popen) -> None:

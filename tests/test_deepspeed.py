@@ -259,21 +259,12 @@ main()
 """
 
 
-def _wait_for(pattern: str, root: Path, proc: subprocess.Popen, timeout: float = 300) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if any(root.glob(pattern)):
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_a_round_on_two_zero3_ranks_equals_trainer_torch_and_resumes_after_kills(tiny_dir, tmp_path):
     """experiment=quickstart (reduced), trainer=deepspeed_zero3 on 2 ranks: reference log-probs, generation and
     eval run on the ranks (never in the runner process); the run is killed during distributed generation, then
     during the distributed reference, and resumed each time; it ends with trainer=torch's round: byte-identical
     rollouts, the same pairs, tokens and FLOPs, reference log-probs within 1e-4, accuracy within 0.01."""
-    from tests.conftest import alignlab, kill_group
+    from tests.conftest import alignlab, kill_group, wait_for_artifact
 
     common = [*ROUND, f"model.path={tiny_dir}"]
     alignlab(*common, "trainer=torch", f"hydra.run.dir={tmp_path / 'torch'}")
@@ -286,11 +277,11 @@ def test_a_round_on_two_zero3_ranks_equals_trainer_torch_and_resumes_after_kills
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     proc = start()
-    assert _wait_for(".generate/generate-*/job.json", run, proc), "distributed generation never started"
+    assert wait_for_artifact(".generate/generate-*/job.json", run, proc), "distributed generation never started"
     kill_group(proc)
     assert not (run / "round_1" / "rollouts.jsonl").exists()
     proc = start()
-    assert _wait_for("round_1/logps-*/job.json", run, proc), "the distributed reference never started"
+    assert wait_for_artifact("round_1/logps-*/job.json", run, proc), "the distributed reference never started"
     kill_group(proc)
     assert (run / "round_1" / "rollouts.jsonl").exists() and not list((run / "round_1").glob("ref_logps.*.json"))
     res = subprocess.run([sys.executable, "-c", GUARDED_CLI, *args], cwd=ROOT, capture_output=True, text=True,

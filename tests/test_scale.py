@@ -328,7 +328,7 @@ def test_docs_cpu_rehearsal_of_the_real_model_path(tiny_qwen, tmp_path):
     process); then its evaluation and config-printing commands. The same round is run a second time, SIGKILLed
     during distributed generation and resumed: it ends with the same rollouts and summary (one test, so that the
     uninterrupted reference is the docs' own run)."""
-    from tests.conftest import kill_group
+    from tests.conftest import kill_group, wait_for_artifact
     from tests.test_vllm import GUARDED
 
     hostfile = tmp_path / "hostfile"
@@ -374,10 +374,7 @@ def test_docs_cpu_rehearsal_of_the_real_model_path(tiny_qwen, tmp_path):
     args = [a if not a.startswith("hydra.run.dir=") else f"hydra.run.dir={killed}" for a in round_args]
     proc = subprocess.Popen([sys.executable, "-c", GUARDED, *args], cwd=ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300  # a hang guard only; the check below reads the artifact
-    while not list(killed.glob(".generate/generate-*/job.json")) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert list(killed.glob(".generate/generate-*/job.json")), "distributed generation never started"
+    assert wait_for_artifact(".generate/generate-*/job.json", killed, proc), "distributed generation never started"
     time.sleep(8)  # the ranks' engines are starting or decoding
     kill_group(proc)
     assert not (killed / "round_1" / "rollouts.jsonl").exists()
