@@ -6,6 +6,7 @@ log-probs come from the right checkpoints of the chain, checked against unbatche
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -58,6 +59,11 @@ def _recompute(run: Path, k: int) -> dict[str, int]:
         scoring = candidates + passes * sum(seq)
     else:
         trained, scoring = sum(seq) * epochs, 0
+    if str(cfg.selector.get("_target_", "")).endswith("SageSelector") and cfg.selector.granularity == "pool":
+        # pool-level SAGE scores the round's whole pool once at the select stage, under the round's starting
+        # policy; with reference=previous_round that checkpoint is also the reference (one pass, not two)
+        assert str(cfg.reference._target_).endswith("PreviousRoundReference"), "recomputed for previous_round only"
+        scoring += sum(_seq_tokens(tok, read_jsonl(rd / "pairs.jsonl", Pair), max_len))
     # each reference pass leaves its cached log-probs (one file per checkpoint it ran: two for reference=mix)
     passes = len(list(rd.glob("ref_logps.*.json")))
     return {"prompt": prompt, "generated": sum(r.tokens for r in rollouts), "reference": passes * sum(seq),
@@ -116,6 +122,24 @@ def test_sage_round_ledger_charges_scoring_and_the_curriculum_advances_per_round
         pool = read_jsonl(tmp_path / f"round_{k}" / "selected.jsonl", Selected)
         cands = Counter(row["pair"] for row in read_jsonl(tmp_path / f"round_{k}" / "sage_candidates.jsonl"))
         assert cands == {i: int(cfg.trainer.epochs) for i in range(len(pool))}
+
+
+@pytest.mark.slow
+def test_pool_sage_rounds_charge_their_scoring_at_the_select_stage(tiny_dir, tmp_path):
+    """selector=sage granularity=pool through the runner (make_scorer): every pair of the pool scored once per
+    round, charged to the select stage; the kept share is ceil(keep_ratio * pool)."""
+    run = [a for a in TINY_RUN if not a.startswith(("sampler.n", "data.train_prompts"))]
+    alignlab(*run, "sampler.n=8", "data.train_prompts=24", "selector=sage", "selector.granularity=pool",
+             "rounds=2", "base_eval=false", "trainer.batch_size=2", f"model.path={tiny_dir}", f"hydra.run.dir={tmp_path}")
+    cfg = OmegaConf.load(tmp_path / ".hydra" / "config.yaml")
+    for k in (1, 2):
+        got = _check_round(tmp_path, k)
+        ledger = json.loads((tmp_path / f"round_{k}" / "ledger.json").read_text())
+        assert ledger["select"]["forward_tokens"] == got["scoring"] > 0
+        assert not (tmp_path / f"round_{k}" / "kept_pairs.jsonl").exists()  # no in-step filter
+        pool = read_jsonl(tmp_path / f"round_{k}" / "pairs.jsonl", Pair)
+        kept = read_jsonl(tmp_path / f"round_{k}" / "selected.jsonl", Selected)
+        assert len(kept) == math.ceil(float(cfg.selector.keep_ratio) * len(pool)) < len(pool)
 
 
 @pytest.mark.slow
