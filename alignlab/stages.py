@@ -345,7 +345,8 @@ def eval_stage(r: Round) -> None:
     run = r.run
     r.eval = json_stage(r.rd / "eval.json",
                         lambda: write_sample_logs(run.evaluator.evaluate(str(r.ckpt), run.gen, run.spec, run.tok,
-                                                                         run.heldout), r.rd))
+                                                                         run.heldout), r.rd),
+                        ledger=r.ledger, name="eval")  # its wall time only: eval tokens are not training compute
 
 
 def metrics_stage(r: Round) -> None:
