@@ -295,16 +295,23 @@ def test_a_benchmark_reads_from_a_local_parquet_in_its_upstream_schema(tmp_path,
 # -- progress ---------------------------------------------------------------------------------------------------
 
 def test_a_progress_bar_keeps_drawing_while_a_long_step_finishes_nothing(capsys):
+    """On a clock the test drives (no real time): 15 polls 0.1 s apart with nothing finished redraw about once per
+    0.2 s interval, and no more often."""
     from alignlab.logging import progress
 
+    now = [1000.0]
     with progress(total=4, desc="stalled", unit="sample", interval_s=0.2) as bar:
-        t0 = time.time()
-        while time.time() - t0 < 1.5:  # a batch in which no sample finishes for a while
+        bar._time = lambda: now[0]  # tqdm reads its clock through _time
+        bar.last_print_t = bar.start_t = now[0]
+        now[0] += 0.3
+        bar.update(1)  # one sample finished: tqdm's own pacing (dynamic miniters) now waits for the next one
+        capsys.readouterr()
+        for _ in range(15):  # a batch in which no sample finishes for 1.5 s of the test's clock
+            now[0] += 0.1
             bar.update(0)
-            time.sleep(0.01)
-        bar.update(4)
-    draws = capsys.readouterr().err.count("stalled")
-    assert draws >= 5, draws  # about one redraw per interval, not one per finished sample
+        draws = capsys.readouterr().err.count("stalled")
+        bar.update(3)
+    assert 6 <= draws <= 8, draws  # one redraw per 0.2 s of silence (7), not none and not one per poll (15)
 
 
 def test_stage_lines_and_no_third_party_noise_in_a_run_log(one_round):
