@@ -368,10 +368,11 @@ class DeepSpeedTrainer:
         if preempt.requested():
             raise preempt.Preempted(preempt.requested())
         errors = launch_errors(work, launch)
+        if (errors and errors[0].get("disk_full")) or (proc.returncode != 0 and out_of_space(work)):
+            # torch.save reports ENOSPC as "iostream error", and a rank may not fit its error report either
+            raise DiskFull((errors and errors[0].get("filename")) or work)
         if errors:
             err = errors[0]
-            if err.get("disk_full"):
-                raise DiskFull(err.get("filename") or work)
             if err["type"] == "NonFiniteLossError":
                 raise NonFiniteLossError(
                     f"{err['message']}. The round was stopped before saving; the previous checkpoint is intact. "
@@ -390,6 +391,11 @@ class DeepSpeedTrainer:
         shutil.rmtree(work / "ds_ckpt", ignore_errors=True)
         for name in ("pairs.jsonl", "ref_logps.json", "loss.pkl", "callbacks.pkl"):
             (work / name).unlink(missing_ok=True)
+
+
+def out_of_space(path: Path, below: int = 1 << 20) -> bool:
+    """Less than ``below`` bytes (1 MiB) free where ``path`` lives: a rank that failed there failed for space."""
+    return shutil.disk_usage(path).free < below
 
 
 def launch_errors(work: Path, launch: str) -> list[dict[str, Any]]:
