@@ -301,6 +301,8 @@ def _sigterm_trial(d: Path, pattern: str, delay: float, args: list[str], timeout
     time.sleep(delay)
     finished = proc.poll() is not None
     done = (d / "summary.json").exists()  # the work was complete: exiting 0 is right (a requeue has nothing to do)
+    seen = sorted(str(p.relative_to(d)) for p in d.glob("**/*") if ".hydra" not in p.parts and p.is_file()
+                  and "checkpoint" not in p.parent.name)  # where the signal landed, read from the artifacts
     try:
         os.killpg(proc.pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -316,7 +318,7 @@ def _sigterm_trial(d: Path, pattern: str, delay: float, args: list[str], timeout
     lock_free = read_holder(d) is None if d.exists() else True
     res = alignlab(*args, f"hydra.run.dir={d}", *(["resume=true"] if d.exists() else []), env=ENV, check=False)
     return {"pattern": pattern, "delay": round(delay, 2), "rc": rc, "sigkilled": sigkilled, "finished": finished,
-            "done": done, "rank_stops": rank_stops, "lock_free": lock_free, "resume_rc": res.returncode,
+            "done": done, "seen": seen, "rank_stops": rank_stops, "lock_free": lock_free, "resume_rc": res.returncode,
             "log": res.stderr[-2000:]}
 
 
@@ -359,6 +361,10 @@ def test_sigterm_at_random_points_exits_75_by_itself_and_resumes_to_the_same_run
           [(r["pattern"] or "launch", r["delay"], r["rc"], r["sigkilled"]) for r in results])
     stopped = [r for r in results if not r["finished"]]
     assert len(stopped) >= len(plan) - 2
+    # the signals landed during start-up / the base eval and inside the round, by the artifacts present then
+    assert any("base_eval.json" not in r["seen"] for r in stopped), [r["seen"] for r in results]
+    assert any("round_1/prompts.jsonl" in r["seen"] and "round_1/metrics.json" not in r["seen"] for r in stopped), \
+        [r["seen"] for r in results]
     for r in stopped:
         assert r["rc"] == (0 if r["done"] else EXIT_PREEMPTED), r
         assert not r["sigkilled"] and r["lock_free"], r
