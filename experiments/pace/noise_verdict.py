@@ -37,10 +37,11 @@ def seeds() -> list[int]:
     return [s for s in found if all((run_dir(a, e, s) / "summary.json").exists() for a in ARMS for e in EPS)]
 
 
-def cell(arm: str, eps: str, seed: int) -> tuple[float, float]:
+def cell(arm: str, eps: str, seed: int) -> tuple[float, float, float]:
+    """Final accuracy, corrupted pairs per prompt (mean over rounds), FLOPs (the ledger's, summed over rounds)."""
     s = json.loads((run_dir(arm, eps, seed) / "summary.json").read_text())
     corrupted = mean(r["chosen_false_positive_rate"] * r["pairs"] / PROMPTS for r in s["rounds"])
-    return s["final_accuracy"], corrupted
+    return s["final_accuracy"], corrupted, sum(r["ledger"]["flops"] for r in s["rounds"])
 
 
 def t_ci(d: list[float]) -> str:
@@ -59,6 +60,13 @@ def main() -> None:
         acc = {e: mean(c[0] for c in cells[e]) for e in EPS}
         cor = {e: mean(c[1] for c in cells[e]) for e in EPS}
         print(f"| {arm} | {acc['0']:.3f} | {acc['0.1']:.3f} / {cor['0.1']:.3f} | {acc['0.2']:.3f} / {cor['0.2']:.3f} |")
+    print("\nCorrupted pairs per prompt, paired by seed (t 95 % CI), and the FLOPs ratio of the two arms:\n")
+    print("| comparison | eps | n seeds | difference [95 % CI] | FLOPs ratio |\n|---|---|---:|---|---:|")
+    for a, b in (("DPO-R1 N=16", "DPO-R1 N=2"), ("PACE (`arith_steps` off)", "DPO-R1 N=16")):
+        for e in ("0.1", "0.2"):
+            d = [cell(a, e, s)[1] - cell(b, e, s)[1] for s in ss]
+            ratio = mean(cell(a, e, s)[2] for s in ss) / mean(cell(b, e, s)[2] for s in ss)
+            print(f"| {a} vs {b} | {e} | {len(ss)} | {t_ci(d)} | {ratio:.2f} |")
     print("\nAccuracy lost to noise, drop = acc(eps) - acc(0) per seed; paired difference of drops, t 95 % CI over "
           "the seeds:\n")
     print("| comparison | eps | n seeds | drop (first) | drop (second) | difference of drops [95 % CI] |\n"
