@@ -17,12 +17,14 @@ LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 OUTSIDE = re.compile(r"shared/papers|\bDESIGN\.md|\banchors\.md|papers/\w+\.md")  # ../shared/data: optional data root
 ABSOLUTE = re.compile(r"(?<![\w.~-])/(?:work|home|root|Users|mnt|scratch)/\w")
 EXPERIMENT = re.compile(r"experiment=([\w.-]+)")
+NOTES = re.compile(r"\b(?:pace|sage|ipo_dynamics|anchors)\.md\b")  # the private paper notes in ../shared/papers
 
 
-def _tracked(*suffixes: str) -> list:
+def _tracked(*suffixes: str, tests: bool = False) -> list:
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
                            text=True, check=True).stdout.split()
-    return [ROOT / f for f in files if f.endswith(suffixes) and (ROOT / f).is_file() and not f.startswith("tests/")]
+    return [ROOT / f for f in files if f.endswith(suffixes) and (ROOT / f).is_file()
+            and (tests or not f.startswith("tests/"))]
 
 
 def test_relative_links_in_markdown_resolve():
@@ -46,6 +48,16 @@ def test_nothing_points_outside_the_repository_or_at_one_machine():
                 if m:
                     bad.append(f"{f.relative_to(ROOT)}:{i}: {why}: {m.group(0)!r}")
     assert not bad, "\n".join(bad)
+
+
+def test_no_private_paper_notes_are_cited():
+    """Papers are cited by title and arXiv id, never by the private note files about them (the pace, sage,
+    ipo_dynamics and anchors notes outside the repository): not in the docs, the code, the configs or the tests."""
+    bad = [f"{f.relative_to(ROOT)}:{i}: {m.group(0)!r}"
+           for f in _tracked(".md", ".py", ".yaml", tests=True)
+           if not {".venv", "outputs"} & set(f.relative_to(ROOT).parts)
+           for i, line in enumerate(f.read_text(errors="replace").splitlines(), 1) if (m := NOTES.search(line))]
+    assert not bad, "cite the paper (title, arXiv id) instead of its note file:\n" + "\n".join(bad)
 
 
 def test_experiments_named_in_docs_exist():

@@ -19,8 +19,10 @@ from alignlab.config import ConfigError
 from tests.conftest import ROOT, SHARED, alignlab
 
 GSM8K_TRAIN = SHARED / "train" / "gsm8k" / "train.jsonl"
+# `qwen25-math-cot`, the prompt of the Qwen2.5-Math evaluation harness (github.com/QwenLM/Qwen2.5-Math, evaluation/;
+# "Qwen2.5-Math Technical Report: Toward Mathematical Expert Model via Self-Improvement", arXiv 2409.12122)
 QWEN_MATH_COT = ("<|im_start|>system\nPlease reason step by step, and put your final answer within \\boxed{}."
-                 "<|im_end|>\n<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n")  # anchors.md §5
+                 "<|im_end|>\n<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n")
 QWEN_CONFIGS = ("qwen2.5-1.5b-instruct", "qwen2.5-3b-instruct", "qwen2.5-7b-instruct", "qwen2.5-math-7b")
 needs_gsm8k = pytest.mark.skipif(not GSM8K_TRAIN.exists(), reason=f"no {GSM8K_TRAIN}")
 

@@ -36,7 +36,8 @@ class PreviousRoundReference:
 
 
 class MixReference:
-    """log pi_ref = alpha * log pi_t + (1 - alpha) * log pi_0 (ipo_dynamics.md §3; unnormalised geometric mix).
+    """log pi_ref = alpha * log pi_t + (1 - alpha) * log pi_0 (the MRS-IPO reference of "How Sampling Shapes
+    LLM Alignment: From One-Shot Optima to Iterative Dynamics", arXiv 2602.12180; unnormalised geometric mix).
 
     alpha = 0 is ``fixed``, alpha = 1 is ``previous_round``.
     """

@@ -1,4 +1,7 @@
-"""``pair_builder=corrective``: PACE's contrastive pair construction (pace.md §3 step 4; pairing INFERRED).
+"""``pair_builder=corrective``: PACE's contrastive pair construction.
+
+PACE is "PACE: Defying the Scaling Hypothesis of Exploration in Iterative Alignment for Mathematical Reasoning"
+(arXiv 2602.05370); its step "Contrastive Pair Construction" is STATED, how it pairs is INFERRED.
 
 Two kinds of pairs per prompt, both on the *plain* problem prompt (the refine prompt and its hint never reach
 training):

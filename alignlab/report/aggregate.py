@@ -16,7 +16,9 @@ import pandas as pd
 from alignlab.ledger import LEDGER_KEYS
 from alignlab.report.discovery import TOTAL_KEYS, Key, Run, as_dict, natural, sort_key
 
-DIAGNOSTICS = {  # summary.json rounds[k]["diagnostics"] key -> what the table shows (ipo_dynamics.md §5)
+DIAGNOSTICS = {  # summary.json rounds[k]["diagnostics"] key -> what the table shows
+    # (diversity and collapse, as studied by "How Sampling Shapes LLM Alignment: From One-Shot Optima to Iterative
+    # Dynamics", arXiv 2602.12180)
     "token_entropy": "mean token entropy of the samples (nats)",
     "distinct_answers": "distinct final answers per prompt",
     "pass_at_k": "pass@k over the N samples",

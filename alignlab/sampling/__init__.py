@@ -65,8 +65,9 @@ class BestOfNSampler(SamplerBase):
 class MixedPolicySampler(SamplerBase):
     """A share ``on_policy`` (lambda) of the N samples from the current policy, the rest from pi_0.
 
-    lambda = 1 is Best-of-N; lambda < 1 mixes in base-model samples (ipo_dynamics.md: the on-policy
-    sampling share that governs oscillation and collapse).
+    lambda = 1 is Best-of-N; lambda < 1 mixes in base-model samples (the on-policy sampling share that
+    governs oscillation and collapse in "How Sampling Shapes LLM Alignment: From One-Shot Optima to Iterative
+    Dynamics", arXiv 2602.12180).
     """
 
     def __init__(self, n: int = 8, on_policy: float = 0.5) -> None:

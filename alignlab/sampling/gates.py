@@ -1,4 +1,7 @@
-"""Quality gates for PACE's hindsight refinements (pace.md §3 step 3; every criterion is INFERRED).
+"""Quality gates for PACE's hindsight refinements.
+
+PACE is "PACE: Defying the Scaling Hypothesis of Exploration in Iterative Alignment for Mathematical Reasoning"
+(arXiv 2602.05370); its "Quality Gating" is STATED, every criterion here is INFERRED.
 
 A refinement is written with the gold answer in view, so it may be right for the wrong reason: it may copy the
 hint ("the correct final answer is 42"), state the answer before deriving it, ramble, or reach the gold through
@@ -202,7 +205,8 @@ class ProximityGate:
     *plain* prompt with one forward pass of the policy (the pair's actual chosen log-prob at training time;
     its forward tokens are the round ledger's ``proximity`` stage). The score is stored in the rollout's meta either way
     (``proximity_logprob_per_token``, plus ``plain_logprob_sum`` when exact), so ``threshold: null`` measures
-    proximity without gating. INFERRED: pace.md names proximity as optional; the threshold is ours.
+    proximity without gating. INFERRED: our reconstruction of PACE (arXiv 2602.05370) makes proximity
+    optional; the threshold is ours.
     """
 
     name = "proximity"

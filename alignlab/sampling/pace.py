@@ -1,4 +1,7 @@
-"""``sampler=pace``: PACE's proximal exploration + hindsight refinement + quality gating (pace.md §3).
+"""``sampler=pace``: PACE's proximal exploration + hindsight refinement + quality gating.
+
+PACE is "PACE: Defying the Scaling Hypothesis of Exploration in Iterative Alignment for Mathematical Reasoning"
+(arXiv 2602.05370); the three phases are STATED, their details INFERRED.
 
 Per prompt: ``n`` policy samples (STATED: N=2), verified at once; then, only for prompts with a failed sample,
 ONE refinement generation by the policy itself, prompted with the problem, the failed attempt and the gold

@@ -1,8 +1,10 @@
 """Coarse-grained SAGE curriculum: difficulty buckets from pass rates, stage proportions, competence.
 
 Pools are refreshed on-policy every round (each round samples fresh), so the curriculum only has to
-decide *how the kept pairs are spread over difficulty*. Defaults (SAGE, arXiv 2602.01207; inferred, the paper's values are not public):
-easy p >= 0.75, medium 0.25 <= p < 0.75, hard p < 0.25; stages 0.5/0.4/0.1 -> 0.2/0.5/0.3 -> 0.1/0.4/0.5.
+decide *how the kept pairs are spread over difficulty*. Defaults (SAGE, "Not All Preferences Are Created Equal:
+Stability-Aware and Gradient-Efficient Alignment for Reasoning Models", arXiv 2602.01207; inferred, the paper's values
+are not public): easy p >= 0.75, medium 0.25 <= p < 0.75, hard p < 0.25; stages 0.5/0.4/0.1 -> 0.2/0.5/0.3 ->
+0.1/0.4/0.5.
 
 When the stage advances is ``advance_by`` (a knob; SAGE's own rule is not public):
 
@@ -13,15 +15,17 @@ When the stage advances is ``advance_by`` (a knob; SAGE's own rule is not public
   runner's rollout diagnostics) minus round 1's, i.e. the gain over the base policy; stage k once it reaches
   ``advance_at[k-1]``.
 * ``pool``: competence = the mean pass rate of the round's pool (each paired prompt counted once; prompts solved
-  always or never give no pair), "policy accuracy on the current pool" of §8; stage k once >= ``advance_at[k-1]``.
+  always or never give no pair), "policy accuracy on the current pool" (an INFERRED reading of SAGE); stage k once
+  >= ``advance_at[k-1]``.
 * ``competence``: the same pool competence, against thresholds an on-policy pool can reach (``competence_at``), and
   one-way: the stage is set by the highest pool competence of rounds 1..k, so a stage once entered is kept ("when
-  it passes a threshold, shift the pool toward harder buckets", sage.md §5). RECONSTRUCTED, SAGE's measure and
-  thresholds are not public: §8's "say 0.7" presumes an offline pool whose accuracy rises while the policy trains on
-  it; here the pool is rebuilt from fresh on-policy samples every round, so its competence is taken *before* training
-  on it and, with N = 8 samples, only prompts with pass rate 1/8..7/8 are in it. On the embedded task it was
-  0.27-0.37 in every run and round, so ``pool`` with 0.5 / 0.7 never left stage 1. Default ``competence_at`` =
-  0.30 / 0.35 sits inside that range; a real model's pool should be measured and the thresholds set from it.
+  it passes a threshold, shift the pool toward harder buckets", our INFERRED reading of SAGE's competence-based
+  pool refresh). RECONSTRUCTED, SAGE's measure and thresholds are not public: the inferred threshold 0.7 presumes an
+  offline pool whose accuracy rises while the policy trains on it; here the pool is rebuilt from fresh on-policy
+  samples every round, so its competence is taken *before* training on it and, with N = 8 samples, only prompts
+  with pass rate 1/8..7/8 are in it. On the embedded task it was 0.27-0.37 in every run and round, so ``pool`` with
+  0.5 / 0.7 never left stage 1. Default ``competence_at`` = 0.30 / 0.35 sits inside that range; a real model's pool
+  should be measured and the thresholds set from it.
 
 Each is a pure function of the round index and saved artifacts (the runner passes the round and the all-prompt and
 pool pass rates of rounds 1..k, from each round's metrics.json, through ``SageSelector.observe_round``), so a resumed
@@ -38,7 +42,7 @@ import numpy as np
 from alignlab.records import Pair
 
 BUCKETS = ("easy", "medium", "hard")
-STAGES = ((0.5, 0.4, 0.1), (0.2, 0.5, 0.3), (0.1, 0.4, 0.5))  # sage.md §8, easy/medium/hard
+STAGES = ((0.5, 0.4, 0.1), (0.2, 0.5, 0.3), (0.1, 0.4, 0.5))  # easy/medium/hard; INFERRED (SAGE's are not public)
 ADVANCE_BY = ("rounds", "pass_rate_gain", "pool", "competence")
 COMPETENCE_AT = (0.30, 0.35)  # advance_by=competence: reconstructed (see the module docstring)
 UNKNOWN = "unknown"  # pairs without a pass rate (builders that do not record it): proportion 0

@@ -1,6 +1,10 @@
-"""Check pace.md §4's false-positive amplification formulas against a Monte-Carlo simulation.
+"""Check the false-positive amplification formulas for PACE against a Monte-Carlo simulation.
 
-Model (pace.md §4, INFERRED): a prompt's samples are truly correct with probability p; the verifier accepts a
+PACE ("PACE: Defying the Scaling Hypothesis of Exploration in Iterative Alignment for Mathematical Reasoning",
+arXiv 2602.05370) STATES only qualitatively that "scaling N amplifies verifier noise"; the formulas below are our
+reconstruction of it.
+
+Model (INFERRED): a prompt's samples are truly correct with probability p; the verifier accepts a
 wrong sample with probability eps (one-sided defect) and every correct one. Best-of-N keeps a prompt when some
 sample is verified, and its chosen sample is a false positive (FP) when the verified set holds no truly correct
 sample ("oracle tie-break", the formula's assumption). Formulas checked:
