@@ -17,7 +17,8 @@ LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 OUTSIDE = re.compile(r"shared/papers|\bDESIGN\.md|\banchors\.md|papers/\w+\.md")  # ../shared/data: optional data root
 ABSOLUTE = re.compile(r"(?<![\w.~-])/(?:work|home|root|Users|mnt|scratch)/\w")
 EXPERIMENT = re.compile(r"experiment=([\w.-]+)")
-NOTES = re.compile(r"\b(?:pace|sage|ipo_dynamics|anchors)\.md\b")  # the private paper notes in ../shared/papers
+NOTES = re.compile(r"\b(?:pace|sage|ipo_dynamics|anchors)\.md\b"  # the private paper notes in ../shared/papers,
+                   r"|\b[Nn]otes\s+\u00a7")  # or a section of them (written so this line does not match itself)
 
 
 def _tracked(*suffixes: str, tests: bool = False) -> list:
@@ -52,12 +53,13 @@ def test_nothing_points_outside_the_repository_or_at_one_machine():
 
 def test_no_private_paper_notes_are_cited():
     """Papers are cited by title and arXiv id, never by the private note files about them (the pace, sage,
-    ipo_dynamics and anchors notes outside the repository): not in the docs, the code, the configs or the tests."""
+    ipo_dynamics and anchors notes outside the repository) nor by a section number of those notes ("notes" followed
+    by a section sign): not in the docs, the code, the configs or the tests."""
     bad = [f"{f.relative_to(ROOT)}:{i}: {m.group(0)!r}"
            for f in _tracked(".md", ".py", ".yaml", tests=True)
            if not {".venv", "outputs"} & set(f.relative_to(ROOT).parts)
            for i, line in enumerate(f.read_text(errors="replace").splitlines(), 1) if (m := NOTES.search(line))]
-    assert not bad, "cite the paper (title, arXiv id) instead of its note file:\n" + "\n".join(bad)
+    assert not bad, "cite the paper (title, arXiv id) instead of its note file or a section of it:\n" + "\n".join(bad)
 
 
 def test_experiments_named_in_docs_exist():

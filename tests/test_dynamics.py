@@ -213,7 +213,7 @@ def test_alpha_below_one_limits_entropy_but_feedback_sharpens() -> None:
     P = matrices.transitive_matrix(4, 0.95)
     H = metrics.entropy(simulate(P, np.array([0.5, 0.8]), 4.0, np.array([[0.0], [0.5], [1.0]]), init=np.full(4, 0.25))[-1])
     assert np.all(H > 0) and np.all(np.diff(H, axis=0) < 0)  # more on-policy sampling -> lower entropy
-    np.testing.assert_allclose(H[:, 0], [0.531, 0.393, 0.348], atol=2e-3)  # notes §6 [N]
+    np.testing.assert_allclose(H[:, 0], [0.531, 0.393, 0.348], atol=2e-3)  # our numerical check [N], not the paper's
     # only beta / (1 - alpha) matters for the limit: (0, 4) and (0.5, 2) agree
     tr = simulate(P, np.array([0.0, 0.5]), np.array([4.0, 2.0]), 0.5, init=np.full(4, 0.25))
     np.testing.assert_allclose(np.exp(tr[-1, 0]), np.exp(tr[-1, 1]), atol=1e-10)

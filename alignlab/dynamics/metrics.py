@@ -1,4 +1,8 @@
-"""Trajectory metrics (notes §5): oscillation strength, final entropy, distance to the fixed point.
+"""Trajectory metrics: oscillation strength, final entropy, distance to the fixed point.
+
+The first two are the metrics reported for the experiments of "How Sampling Shapes LLM Alignment: From One-Shot
+Optima to Iterative Dynamics" (arXiv 2602.12180) [S]: time-averaged variance of the policy and Shannon entropy at the
+final iteration. Distance to the fixed point is ours.
 
 Trajectories are log-probabilities of shape (T + 1, *batch, K); every metric reduces time (and K) only.
 """
@@ -19,7 +23,8 @@ def entropy(logp: Array) -> Array:
 def oscillation_strength(logp_traj: Array, burn_in: int = 1000) -> Array:
     """Time-averaged variance of the policy: var over t >= burn_in of pi_t(y), averaged over y.
 
-    Matches the notes' numbers (e.g. 3-cycle, a = 0.4, alpha = 0.5, beta = 3.8: ~4e-3).
+    Averaging over y is our choice. It matches our numerical check [N] (e.g. 3-cycle, a = 0.4, alpha = 0.5,
+    beta = 3.8: ~4e-3).
     """
     tail = np.exp(logp_traj[burn_in:])
     return tail.var(axis=0).mean(axis=-1)

@@ -1,8 +1,11 @@
 """Tabular MRS-IPO / MRS-DPO dynamics over K responses, exact (population) and finite-sample.
 
-One round (notes §3): the reference follows the model, ``log ref_t = alpha log pi_t + (1 - alpha) log pi_ref``;
+One round, as stated for MRS-IPO in "How Sampling Shapes LLM Alignment: From One-Shot Optima to Iterative Dynamics"
+(arXiv 2602.12180) [S]: the reference follows the model, ``log ref_t = alpha log pi_t + (1 - alpha) log pi_ref``;
 pairs come from ``mu_t = lam pi_t + (1 - lam) pi_0``; the next policy is the one-shot optimum for (ref_t, mu_t):
-``log pi_{t+1} = log ref_t + signal_t + c`` with signal ``beta P mu_t`` (IPO) or ``scale(beta) u_t`` (DPO).
+``log pi_{t+1} = log ref_t + signal_t + c`` with signal ``beta P mu_t`` (IPO) or ``scale(beta) u_t`` (DPO). The DPO
+step (u_t solving the DPO population first-order condition) and the finite-sample estimators are our
+reconstruction [I].
 Every function broadcasts over leading "batch" axes so a whole (alpha, beta, lam) grid runs as one array.
 The state is log pi, which stays finite during collapse (pi itself underflows to 0).
 """

@@ -1,7 +1,8 @@
 """Stated (and derived) stability thresholds, to draw on phase diagrams and to test against.
 
-Tags follow the notes: the 3-cycle threshold and the contraction bound are stated [S]; the MRS-DPO 3-cycle
-threshold is this package's own linearisation [I] (the source gives no DPO thresholds).
+Tags: the 3-cycle threshold and the contraction bound are stated for "How Sampling Shapes LLM Alignment: From
+One-Shot Optima to Iterative Dynamics" (arXiv 2602.12180) [S]; the MRS-DPO 3-cycle threshold is our own
+linearisation [I] (we found no DPO thresholds stated for the paper).
 """
 
 from __future__ import annotations
