@@ -17,13 +17,14 @@ run() {  # arm seed args...
     $A experiment=smollm2_pace_vs_dpo_r1 seed=$s logger=none "$@" hydra.run.dir=$d \
       $( [ -d "$d" ] && echo resume=true ) > $O.$arm.s$s.log 2>&1 || { echo "FAILED $arm s$s"; return 0; }
   fi
-  mkdir -p $R/$arm/s$s
+  mkdir -p $R/$arm/s$s/.hydra
   cp $d/summary.json $d/base_eval.json $R/$arm/s$s/
+  cp $d/.hydra/config.yaml $d/.hydra/hydra.yaml $d/.hydra/overrides.yaml $R/$arm/s$s/.hydra/  # alignlab report's arms
   for k in $d/round_*; do
     mkdir -p $R/$arm/s$s/$(basename $k)
     cp $k/ledger.json $k/train.json $k/eval.json $k/metrics.json $R/$arm/s$s/$(basename $k)/ 2>/dev/null || true
   done
-  find $R/$arm/s$s -name "*.json" -exec sed -i -e "s#$PWD/##g" -e "s#$HOME/#~/#g" {} +  # no absolute paths
+  find $R/$arm/s$s \( -name "*.json" -o -name "*.yaml" \) -exec sed -i -e "s#$PWD/##g" -e "s#$HOME/#~/#g" {} +  # no absolute paths
   echo "done $arm s$s $(date +%T)"
 }
 mkdir -p $O
