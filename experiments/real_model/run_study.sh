@@ -24,7 +24,7 @@ run() {  # arm seed args...
     mkdir -p $R/$arm/s$s/$(basename $k)
     cp $k/ledger.json $k/train.json $k/eval.json $k/metrics.json $R/$arm/s$s/$(basename $k)/ 2>/dev/null || true
   done
-  find $R/$arm/s$s \( -name "*.json" -o -name "*.yaml" \) -exec sed -i -e "s#$PWD/##g" -e "s#$HOME/#~/#g" {} +  # no absolute paths
+  find $R/$arm/s$s \( -name "*.json" -o -name "*.yaml" \) -exec sed -i -e "s#$PWD/##g" -e "s#$PWD#.#g" -e "s#$HOME/#~/#g" {} +  # no absolute paths
   echo "done $arm s$s $(date +%T)"
 }
 mkdir -p $O

@@ -7,7 +7,7 @@
    written to study/report; the FLOPs and tokens come from each round's ledger.json.
 3. Wall time per stage, from ledger.json (mean over seeds, per round).
 
-    python experiments/real_model/study_table.py            # prints the README's tables, rewrites study/report
+    python experiments/real_model/study_table.py   # prints the README's tables; rewrites study/tables.md, study/report
 """
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ def arms_report() -> None:
 
 
 if __name__ == "__main__":
-    print("\n".join(round2_vs_warm_start()), "\n")
-    print("\n".join(wall_per_stage()), "\n")
+    tables = "\n".join(round2_vs_warm_start()) + "\n\n" + "\n".join(wall_per_stage()) + "\n"
+    print(tables)
     if "--no-report" not in sys.argv:
+        (HERE / "study" / "tables.md").write_text(tables)
         arms_report()
