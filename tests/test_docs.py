@@ -17,7 +17,7 @@ LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 OUTSIDE = re.compile(r"shared/papers|\bDESIGN\.md|\banchors\.md|papers/\w+\.md")  # ../shared/data: optional data root
 ABSOLUTE = re.compile(r"(?<![\w.~-])/(?:work|home|root|Users|mnt|scratch)/\w")
 EXPERIMENT = re.compile(r"experiment=([\w.-]+)")
-NOTES = re.compile(r"\b(?:pace|sage|ipo_dynamics|anchors)\.md\b"  # the private paper notes in ../shared/papers,
+NOTES = re.compile(r"\b(?:pace|sage|ipo_dynamics|anchors)\.md\b"  # the private paper notes outside the repository,
                    r"|\b[Nn]otes\s+\u00a7")  # or a section of them (written so this line does not match itself)
 
 
