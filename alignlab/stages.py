@@ -41,6 +41,8 @@ from alignlab.verify import check_with_sources
 log = logging.getLogger("alignlab")
 # forward_tokens: every token through a model (prompts included); trained_pairs: pair instances trained on
 LEDGER_KEYS = (*REPORTED_KEYS, "forward_tokens", "trained_pairs")
+# the order a round runs its stages in (proximity: the sampler's gate; reference: the frozen model's log-probs)
+STAGE_ORDER = ("prompts", "proximity", "sample", "verify", "pairs", "select", "reference", "train", "eval")
 
 
 class Ledger:
@@ -52,6 +54,10 @@ class Ledger:
 
     def record(self, stage: str, **cost: float) -> None:
         self.stages[stage] = cost
+        # entries in the round's stage order, not the order they were recorded: a resumed round that reruns
+        # one stage writes the same ledger as the uninterrupted run
+        order = {s: i for i, s in enumerate(STAGE_ORDER)}
+        self.stages = dict(sorted(self.stages.items(), key=lambda kv: order.get(kv[0], len(order))))
         atomic_write_text(self.path, json.dumps(self.stages, indent=1))
 
     def totals(self) -> dict[str, float]:

@@ -26,14 +26,15 @@ ENV = {"OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
 # the smallest run that still trains in both rounds (a couple of pairs per round)
 RUN = ["data.train_prompts=8", "data.eval_problems=16", "sampler.n=4", "generation.max_new_tokens=48",
        "trainer.epochs=1", "trainer.batch_size=4", "logger=none", "threads=1", "rounds=2"]
-TIMING = {"wall_s", "stage_wall_s", "train_seconds"}  # the only fields that depend on the clock
+# the only fields that depend on the clock or on what else the process did (its peak RSS counts earlier stages)
+MEASURED = {"wall_s", "stage_wall_s", "train_seconds", "peak_rss_mib"}
 TRIALS = 10
 
 
 def _strip(x):
-    """Drop wall-clock fields, recursively."""
+    """Drop measured (clock and memory) fields, recursively."""
     if isinstance(x, dict):
-        return {k: _strip(v) for k, v in x.items() if k not in TIMING}
+        return {k: _strip(v) for k, v in x.items() if k not in MEASURED}
     if isinstance(x, list):
         return [_strip(v) for v in x]
     return x
