@@ -15,16 +15,13 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from alignlab.config import CONF_DIR
 from alignlab.hub import is_hub_id
 
 os.environ.setdefault("WANDB_MODE", "offline")  # never online unless logger.mode=online is asked for
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-_CHECKOUT_CONF = Path(__file__).resolve().parent.parent / "conf"
-# a source checkout (or an editable install) reads conf/ beside the package; an installed wheel carries the same
-# tree as the package ``alignlab_conf`` (setup.py maps conf/ onto it)
-CONF_DIR = str(_CHECKOUT_CONF) if (_CHECKOUT_CONF / "config.yaml").is_file() else "pkg://alignlab_conf"
 log = logging.getLogger("alignlab")
 EXIT_DISK_FULL = 74  # EX_IOERR (sysexits.h): a write failed for lack of space; free space, then rerun
 
@@ -58,7 +55,7 @@ def _run(cfg) -> None:
     explicit = any(o.split("=", 1)[0].lstrip("+~") == "hydra.run.dir" for o in hc.overrides.hydra)
     try:
         if cfg.get("stage") == "sft_base":
-            from alignlab.models.sft_base import train_sft_base
+            from alignlab.sft_base import train_sft_base
 
             train_sft_base(**cfg.sft_base)
             return
@@ -87,9 +84,9 @@ def _eval(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from alignlab import config as C
-    from alignlab.checks import check_model_dir
     from alignlab.eval import write_sample_logs
     from alignlab.models import load_tokenizer
+    from alignlab.models.checks import check_model_dir
     from alignlab.records import atomic_write_text
 
     choices = C.choices_of(HydraConfig.get())
@@ -152,8 +149,8 @@ def config_error_exit(err: Exception | str) -> NoReturn:
 def precheck(config_name: str, args: list[str], groups: tuple[str, ...] = ()) -> None:
     """Run every input check before Hydra starts the job (which would first write into the run dir). The
     checks' own log lines are held back and shown only when a check fails (the job logs them again)."""
-    from alignlab.checks import precheck as check_all
     from alignlab.config import ConfigError
+    from alignlab.precheck import check_all
 
     root, held = logging.getLogger(), logging.handlers.BufferingHandler(capacity=10_000)
     saved, root.handlers = root.handlers[:], [held]

@@ -10,10 +10,13 @@ the validation pass.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import inspect
 import typing
-from dataclasses import dataclass, field
+from dataclasses import field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -23,6 +26,14 @@ from omegaconf.errors import OmegaConfBaseException
 
 from alignlab.spec import register
 
+_CHECKOUT_CONF = Path(__file__).resolve().parent.parent / "conf"
+# a source checkout (or an editable install) reads conf/ beside the package; an installed wheel carries the same
+# tree as the package ``alignlab_conf`` (setup.py maps conf/ onto it)
+CONF_DIR = str(_CHECKOUT_CONF) if (_CHECKOUT_CONF / "config.yaml").is_file() else "pkg://alignlab_conf"
+
+# The component groups, in the order a round uses them: one table. The config schema (below), the defaults check
+# (tests/test_config.py: conf/config.yaml's defaults list), the runner's build and ``stages.Run``'s fields (one
+# per group, the same name, typed by the group's protocol) all derive from it.
 GROUPS = ("model", "data", "generation", "sampler", "verifier", "pair_builder", "selector", "loss", "reference",
           "trainer", "eval", "logger")
 
@@ -30,33 +41,24 @@ GROUPS = ("model", "data", "generation", "sampler", "verifier", "pair_builder", 
 PAIRS_FORMATS = ("standard", "conversational")
 
 
-@dataclass
-class RunSchema:
-    experiment_name: str = MISSING
-    seed: int = 0
-    rounds: int = 3
-    resume: Any = False  # true | false | force (checked in validate_top)
-    base_eval: bool = True
-    out_dir: str | None = None
-    threads: int = 0
-    model: Any = MISSING
-    data: Any = MISSING
-    generation: Any = MISSING
-    sampler: Any = MISSING
-    verifier: Any = MISSING
-    pair_builder: Any = MISSING
-    selector: Any = MISSING
-    loss: Any = MISSING
-    reference: Any = MISSING
-    trainer: Any = MISSING
-    eval: Any = MISSING
-    logger: Any = MISSING
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes carried into summary.json
-    stage: str | None = None  # "sft_base" runs the warm-start script instead of rounds
+def _key(name: str, tp: Any, default: Any = MISSING) -> tuple[str, Any, Any]:
+    return name, tp, field(default_factory=dict) if default == {} else field(default=default)
+
+
+# Top-level keys, then one per group (each group's node is checked against its own ``_target_``'s schema by
+# validate_node, so Any here), then the rest; Hydra's ConfigStore holds it as ``run_schema``.
+RunSchema = dataclasses.make_dataclass("RunSchema", [
+    _key("experiment_name", str), _key("seed", int, 0), _key("rounds", int, 3),
+    _key("resume", Any, False),  # true | false | force (checked in validate_top)
+    _key("base_eval", bool, True), _key("out_dir", str | None, None), _key("threads", int, 0),
+    *(_key(g, Any) for g in GROUPS),
+    _key("extra", dict[str, Any], {}),  # free-form notes carried into summary.json
+    _key("stage", str | None, None),  # "sft_base" runs the warm-start script instead of rounds
     # standard: round_k/pairs.jsonl (prompt/chosen/rejected strings, TRL's standard format) only; conversational:
     # also round_k/pairs.conversational.jsonl, prompt and answers as chat messages (TRL's conversational format)
-    pairs_format: str = "standard"
-    sft_base: Any = None
+    _key("pairs_format", str, "standard"),
+    _key("sft_base", Any, None),
+])
 
 
 ConfigStore.instance().store(name="run_schema", node=RunSchema)
@@ -73,15 +75,16 @@ def _where(group: str, choices: dict[str, str]) -> str:
 
 def _schema_for(cls: type) -> type:
     """A dataclass mirroring ``cls.__init__``'s parameters (types and defaults) plus ``_target_``."""
-    hints = typing.get_type_hints(cls.__init__)
+    init = cls.__dict__.get("__init__") or next(c.__dict__["__init__"] for c in cls.__mro__ if "__init__" in c.__dict__)
+    hints = typing.get_type_hints(init)
     fields: list[tuple] = [("_target_", str, dataclasses.field(default=f"{cls.__module__}.{cls.__qualname__}"))]
-    for name, p in inspect.signature(cls.__init__).parameters.items():
+    for name, p in inspect.signature(init).parameters.items():
         if name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         tp = _omegaconf_type(hints.get(name, Any))
         default = MISSING if p.default is inspect.Parameter.empty else p.default
         if isinstance(default, (list, dict)):
-            fields.append((name, tp, dataclasses.field(default_factory=lambda d=default: d)))
+            fields.append((name, tp, dataclasses.field(default_factory=functools.partial(copy.copy, default))))
         else:
             fields.append((name, tp, dataclasses.field(default=default)))
     return dataclasses.make_dataclass(f"{cls.__name__}Schema", fields)
@@ -126,16 +129,16 @@ def build(group: str, node: DictConfig, choices: dict[str, str], **kwargs: Any) 
     try:
         obj = instantiate(node, **kwargs)
     except Exception as e:  # noqa: BLE001
-        cause = e
-        while getattr(cause, "__cause__", None) is not None and not isinstance(cause, (ValueError, TypeError)):
+        cause: BaseException = e
+        while cause.__cause__ is not None and not isinstance(cause, (ValueError, TypeError)):
             cause = cause.__cause__
         msg = str(cause)
         if not msg.startswith((f"{group}.", f"{group}:")):  # input checks name their full key (data.path: ...)
             msg = f"{group}: {msg}"
         raise ConfigError(f"{msg}{_where(group, choices)}") from None
     conf = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else None
-    if not kwargs and isinstance(conf, dict) and not any(k.startswith("_") and k != "_target_" for k in conf):
-        register(obj, conf)
+    if not kwargs and isinstance(conf, dict) and not any(str(k).startswith("_") and k != "_target_" for k in conf):
+        register(obj, {str(k): v for k, v in conf.items()})
     return obj
 
 

@@ -186,3 +186,11 @@ def conversational_pair(pair: Pair, prompt_messages: list[dict[str, str]]) -> di
     return {"problem_id": pair.problem_id, "prompt": prompt_messages,
             "chosen": [{"role": "assistant", "content": pair.chosen}],
             "rejected": [{"role": "assistant", "content": pair.rejected}], "meta": pair.meta}
+
+
+def pairs_key(pairs: list[Pair]) -> str:
+    """Identity of a list of pairs (their texts, in order): what a cached log-prob file was computed for."""
+    h = hashlib.sha1()
+    for p in pairs:
+        h.update(json.dumps([p.prompt, p.chosen, p.rejected]).encode())
+    return h.hexdigest()

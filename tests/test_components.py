@@ -11,10 +11,10 @@ from alignlab.data import arith
 from alignlab.eval import HeldoutEval, accuracy_se
 from alignlab.generation.hf import HFGenerator, _prealloc_cache, uniform_noise
 from alignlab.losses import DPOLoss
-from alignlab.losses.reference import EMAReference, FixedReference, MixReference, PreviousRoundReference
 from alignlab.models import ModelSpec, load_tokenizer
 from alignlab.pairs import BestWorstPairBuilder
 from alignlab.records import Pair, Problem, Rollout, Selected, is_complete, read_jsonl, write_jsonl
+from alignlab.reference import EMAReference, FixedReference, MixReference, PreviousRoundReference
 from alignlab.sampling import BestOfNSampler, SampleContext
 from alignlab.select import FullSelector
 from alignlab.train.batching import collate, encode
@@ -215,8 +215,7 @@ def test_ema_reference_averages_single_file_and_sharded_checkpoints(tiny_dir, tm
     (model.safetensors.index.json, as 7B checkpoints are)."""
     from safetensors.torch import load_file
 
-    from alignlab.losses.reference import safetensors_files
-    from alignlab.models import load_model
+    from alignlab.models import load_model, safetensors_files
 
     model = load_model(str(tiny_dir))
     with torch.no_grad():
@@ -317,7 +316,7 @@ def test_mixed_policy_sampler_draws_lambda_share_on_policy(tiny_dir):
 def test_rollout_diagnostics_on_hand_built_rollouts():
     """Every value worked out by hand: p1 2 of 3 right (answers 3, 4), p2 none right (no answer, 7), p3 no samples
     (left out), p4 its one sample right; a sample of an unknown problem is ignored."""
-    from alignlab.stages import rollout_diagnostics
+    from alignlab.eval.metrics import rollout_diagnostics
 
     probs = [Problem(f"p{i}", "q", "3") for i in (1, 2, 3, 4)]
 

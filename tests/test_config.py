@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 import alignlab.config  # noqa: F401 - registers run_schema
-from alignlab.cli import CONF_DIR
+from alignlab.config import CONF_DIR
 from alignlab.runner import build_components
 from tests.conftest import TINY_RUN, alignlab
 
@@ -100,7 +100,7 @@ def test_every_experiment_preset_composes_and_builds(preset, tiny_dir, tmp_path,
     from omegaconf import OmegaConf, open_dict
 
     from alignlab.data.benchmarks import BENCHMARKS
-    from alignlab.models.sft_base import train_sft_base
+    from alignlab.sft_base import train_sft_base
     from tests.conftest import ROOT
 
     cfg = _compose([f"experiment={preset}"])

@@ -9,7 +9,7 @@ import subprocess
 
 import yaml
 
-from alignlab.stages import format_table
+from alignlab.report.render import format_table
 from tests.conftest import ROOT
 
 TEXT = (".md", ".py", ".yaml", ".json", ".toml", ".txt", ".cfg", ".sh", ".csv")

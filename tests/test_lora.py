@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 import alignlab.train.torch_trainer as tt
 from alignlab.data import arith
 from alignlab.losses import DPOLoss
-from alignlab.models import ModelSpec, load_model, load_tokenizer
+from alignlab.models import ADAPTER_DIR, ModelSpec, load_model, load_tokenizer
 from alignlab.records import Pair, Selected, read_jsonl
 from alignlab.train.batching import response_end_id
-from alignlab.train.core import ADAPTER_DIR, encode_pairs, pair_forward
+from alignlab.train.core import encode_pairs, pair_forward
 from alignlab.train.deepspeed_trainer import DeepSpeedTrainer
 from alignlab.train.torch_trainer import TorchTrainer, reference_logps
 from tests.conftest import TINY_RUN, alignlab

@@ -138,8 +138,10 @@ def test_eval_of_a_round_checkpoint_renders_the_in_run_prompts(tiny_dir, tmp_pat
 
 
 def test_deepspeed_checkpoint_writer_carries_alignlab_model_json(tiny_dir, tmp_path):
-    from alignlab.models import load_model
-    from alignlab.train.ds_worker import save_checkpoint  # the DeepSpeed ranks' writer is the training core's
+    from alignlab.models import (
+        load_model,
+        save_checkpoint,  # the one checkpoint writer (the DeepSpeed ranks' too)
+    )
 
     save_checkpoint(load_model(tiny_dir), load_tokenizer(tiny_dir), tmp_path / "ckpt", source_dir=tiny_dir)
     assert json.loads((tmp_path / "ckpt" / "alignlab_model.json").read_text()) == {"config": "tiny_arith"}

@@ -384,7 +384,7 @@ def _compose(overrides: list[str]):
     from hydra.core.global_hydra import GlobalHydra
 
     import alignlab.config  # noqa: F401 - registers run_schema
-    from alignlab.cli import CONF_DIR
+    from alignlab.config import CONF_DIR
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from alignlab.data import arith
+from alignlab.eval.metrics import rollout_diagnostics
 from alignlab.losses import DPOLoss
 from alignlab.models import ModelSpec, load_tokenizer
 from alignlab.records import Pair, Problem, Rollout, read_jsonl
@@ -25,7 +26,6 @@ from alignlab.select.sage import (
     newton_score,
     stable_score,
 )
-from alignlab.stages import rollout_diagnostics
 from alignlab.train.torch_trainer import TorchTrainer, reference_logps
 from tests.conftest import TINY_RUN, alignlab
 
@@ -36,7 +36,7 @@ def _compose(overrides: list[str]):
     from hydra.core.global_hydra import GlobalHydra
 
     import alignlab.config  # noqa: F401 - registers run_schema
-    from alignlab.cli import CONF_DIR
+    from alignlab.config import CONF_DIR
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):

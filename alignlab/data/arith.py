@@ -175,6 +175,9 @@ class ArithDataset:
                       heldout_fraction=self.heldout_fraction)
         return [to_problem(p) for p in ps]
 
+    def check_heldout(self) -> None:
+        """Nothing to check: the held-out split is generated."""
+
     def heldout(self) -> list[Problem]:
         ps = generate(self.eval_problems, "heldout", seed=12345, levels=self.levels,
                       heldout_fraction=self.heldout_fraction)

@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from alignlab.checks import bad_path, read_rows, require_dir
 from alignlab.records import Problem
 from alignlab.verify.extract import extract_boxed
 
@@ -225,3 +226,16 @@ def load_benchmark_from(name: str, path: str, split: str = "test", config: str |
         seen.add(p.id)
         out.append(p)
     return out
+
+
+def check_benchmarks(names: Sequence[str], root: str | Path, strict: bool = False) -> None:
+    """``eval.root`` is a folder and each of ``eval.benchmarks`` has a readable test.jsonl with usable rows."""
+    root = require_dir("eval.root", root, "set eval.root (or ALIGNLAB_BENCHMARKS) to the folder holding "
+                                          "<benchmark>/test.jsonl")
+    for name in names:
+        fix = f"put {name}/test.jsonl under eval.root, point eval.root elsewhere, or drop {name} from eval.benchmarks"
+        try:
+            path = benchmark_path(name, root)
+        except FileNotFoundError:
+            raise bad_path(f"eval.benchmarks[{name}]", root / name / "test.jsonl", "no such file", fix) from None
+        read_rows(f"eval.benchmarks[{name}]", path, lambda p, n=name: load_benchmark(n, root, strict=strict), fix)

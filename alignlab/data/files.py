@@ -223,3 +223,6 @@ class FileDataset:
     def heldout(self) -> list[Problem]:
         self._load()
         return list(self._heldout)
+
+    def check_heldout(self) -> None:
+        """Nothing more to check: the constructor read both sets (a source without usable rows failed there)."""

@@ -18,6 +18,8 @@ from alignlab.verify.verifiers import check_with_sources
 
 
 class Evaluator(Protocol):
+    uses_data_heldout: bool  # scores the data group's held-out set (checked before any work: Dataset.check_heldout)
+
     def evaluate(self, model_dir: str | Path, generator, spec, tokenizer, problems: list[Problem] | None = None
                  ) -> dict[str, Any]:
         """Returns at least {"accuracy", "se", "n"}; ``by_difficulty`` where problems have levels; ``correct``

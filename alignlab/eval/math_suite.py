@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from alignlab import hub
-from alignlab.checks import check_benchmarks
-from alignlab.data.benchmarks import BENCHMARKS, load_benchmark, load_benchmark_from
+from alignlab.data.benchmarks import BENCHMARKS, check_benchmarks, load_benchmark, load_benchmark_from
 from alignlab.eval import FINISHED_WARN, SAMPLE_LOG_KEY, SampledEvalMixin, accuracy_se
 from alignlab.records import Problem
 
@@ -25,6 +24,8 @@ DEFAULT_ROOT = os.environ.get("ALIGNLAB_BENCHMARKS", str(Path(__file__).resolve(
 class MathSuiteEval(SampledEvalMixin):
     """Greedy pass@1 over each benchmark; ``limit`` keeps the first k problems of each; ``samples=k`` adds avg@k,
     pass@k and maj@k per benchmark, ``log_samples`` a ``samples_<benchmark>.jsonl`` per benchmark."""
+
+    uses_data_heldout = False  # reads its own benchmark files (checked in the constructor)
 
     def __init__(self, benchmarks: list[str] | None = None, root: str = DEFAULT_ROOT, limit: int | None = None,
                  verifier: Any = None, strict: bool = False, sources: dict[str, Any] | None = None,

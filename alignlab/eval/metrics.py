@@ -22,6 +22,8 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 
+from alignlab.pairs import group_by_problem
+from alignlab.records import Problem, Rollout
 from alignlab.verify.extract import answer_key, normalize_answer
 
 
@@ -79,3 +81,25 @@ def sampled_metrics(correct: Sequence[Sequence[bool]], extracted: Sequence[Seque
         maj.append(float(i is not None and bool(c[i])))
     out[f"maj@{k}"], out[f"maj@{k}_se"] = mean_se(maj)
     return out
+
+
+def rollout_diagnostics(problems: list[Problem], rollouts: list[Rollout]) -> dict[str, float]:
+    """Entropy / collapse diagnostics from the policy's samples (pass@k, distinct answers, entropy)."""
+    groups = group_by_problem(rollouts)
+    pass_k, rate, distinct, ent, finished = [], [], [], [], []
+    for p in problems:
+        rs = groups.get(p.id, [])
+        if not rs:
+            continue
+        v = [bool(r.verdict) for r in rs]
+        pass_k.append(any(v))
+        rate.append(sum(v) / len(v))
+        distinct.append(len({r.extracted for r in rs}))
+        ent += [r.meta.get("entropy", 0.0) for r in rs]
+        finished += [bool(r.meta.get("finished", True)) for r in rs]
+    mean = lambda xs: float(sum(xs) / len(xs)) if xs else 0.0  # noqa: E731
+    mixed = [r for r in rate if 0 < r < 1]  # the prompts that can give a (correct, incorrect) pair: the pool
+    return {"pass_at_k": mean(pass_k), "mean_pass_rate": mean(rate), "distinct_answers": mean(distinct),
+            "pool_pass_rate": mean(mixed),
+            "token_entropy": mean(ent), "finished_rate": mean(finished),
+            "all_correct": mean([r == 1.0 for r in rate]), "all_wrong": mean([r == 0.0 for r in rate])}

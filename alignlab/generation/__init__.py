@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from alignlab.models import end_of_turn_ids
+
 
 @dataclass
 class Sample:
@@ -32,6 +34,11 @@ class Generator(Protocol):
         """Free the loaded model (e.g. GPU memory before training)."""
         ...
 
+    @property
+    def ranks(self) -> int:
+        """Processes (or engines) that compute one call: the ledger's ``ranks``."""
+        ...
+
 
 def check_sampling(temperature: float, top_p: float, max_new_tokens: int) -> None:
     """The knobs every generator shares, checked the same way (``generation=hf`` and ``generation=vllm``)."""
@@ -47,28 +54,6 @@ def sample_seed(seed: int, prompt: str, j: int) -> int:
     """A 62-bit per-sample seed, independent of batch composition and order."""
     h = hashlib.blake2b(f"{seed}|{j}|{prompt}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") & ((1 << 62) - 1)
-
-
-_TURN_MARKER = "ALIGNLAB_END_OF_TURN_PROBE"
-
-
-def end_of_turn_ids(tokenizer) -> set[int]:
-    """The special token the chat template writes right after an assistant message (``<|im_end|>`` for ChatML).
-
-    A model trained on its template ends a turn with it, whatever the tokenizer's ``eos_token`` says (SmolLM2's
-    upstream tokenizer, for one, names ``<|endoftext|>``), so generation must stop there too.
-    """
-    msgs = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": _TURN_MARKER}]
-    try:
-        text = tokenizer.apply_chat_template(msgs, tokenize=False)
-    except Exception:  # noqa: BLE001 - no chat template, or one that refuses this conversation
-        return set()
-    i = text.find(_TURN_MARKER)
-    if i < 0:
-        return set()
-    after = tokenizer(text[i + len(_TURN_MARKER):], add_special_tokens=False)["input_ids"]
-    special = set(tokenizer.all_special_ids) | {k for k, t in tokenizer.added_tokens_decoder.items() if t.special}
-    return {after[0]} if after and after[0] in special else set()
 
 
 def stop_token_ids(tokenizer, generation_eos: list[int] | int | None = None,
@@ -91,13 +76,21 @@ def finished_stats(samples: list[Sample], max_new_tokens: int) -> dict[str, floa
             "max_new_tokens": int(max_new_tokens)}
 
 
-def __getattr__(name: str):  # lazy: importing the protocol must not import torch/transformers
-    if name == "HFGenerator":
-        from alignlab.generation.hf import HFGenerator
+class MeteredGenerator:
+    """Counts ``forward_tokens`` of every generate call (each prompt once, as its KV cache is shared by its
+    samples, plus every generated token) for the ledger; otherwise the wrapped generator."""
 
-        return HFGenerator
-    if name == "VLLMGenerator":
-        from alignlab.generation.vllm import VLLMGenerator
+    def __init__(self, inner, tok) -> None:
+        self.inner, self.tok, self.forward_tokens = inner, tok, 0
 
-        return VLLMGenerator
-    raise AttributeError(name)
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["inner"], name)
+
+    def generate(self, model_dir, prompts, n, seed, greedy=False):
+        outs = self.inner.generate(model_dir, prompts, n, seed, greedy=greedy)
+        self.forward_tokens += sum(len(self.tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+        self.forward_tokens += sum(s.tokens for o in outs for s in o)
+        return outs
+
+    def release(self) -> None:
+        self.inner.release()

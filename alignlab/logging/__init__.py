@@ -11,9 +11,21 @@ import sys
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 log = logging.getLogger("alignlab")
+
+
+class Logger(Protocol):
+    """The ``logger`` config group: a run's metrics, keyed by name (``eval/accuracy``, ``train/loss``, ...)."""
+
+    def start(self, run_dir: Path, config: dict, name: str) -> None: ...
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None: ...
+
+    def summary(self, values: dict[str, Any]) -> None: ...
+
+    def finish(self) -> None: ...
 
 
 class ConsoleLogger:

@@ -6,13 +6,24 @@ directory, the tokenizer's chat template for prompts, safetensors only.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from alignlab import hub
+from alignlab.records import DiskFull, is_disk_full
+
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+
+
+def cache_root() -> Path:
+    """``$ALIGNLAB_CACHE``, else ``~/.cache/alignlab``: downloaded and converted models, never in the repo."""
+    return Path(os.environ.get("ALIGNLAB_CACHE") or Path.home() / ".cache" / "alignlab").expanduser()
 
 
 def resolve_path(path: str) -> Path:
@@ -21,11 +32,7 @@ def resolve_path(path: str) -> Path:
     if path.startswith("pkg://"):
         return PACKAGE_ROOT / path[len("pkg://"):]
     if path.startswith("cache://"):
-        from alignlab.models.smollm2 import cache_root
-
         return cache_root() / path[len("cache://"):]
-    from alignlab import hub
-
     if hub.is_hub_id(path):  # org/name: its snapshot in the Hugging Face cache (ModelSpec.check_exists fetches it)
         return hub.cached_model_dir(path) or Path(path)
     return Path(path).expanduser()
@@ -185,8 +192,6 @@ def checkpoint_params(path: str | Path) -> int:
     once, so this equals ``count_params`` of the loaded model."""
     import math
 
-    from alignlab.losses.reference import safetensors_files
-
     total = 0
     for f in sorted(set(safetensors_files(resolve_path(str(path))).values())):
         _, header = safetensors_header(f)
@@ -209,3 +214,106 @@ def safetensors_header(f: str | Path, max_len: int = 100 << 20) -> tuple[int, An
         if n <= 0 or n > min(size - 8, max_len):
             raise ValueError("bad header length")
         return n, json.loads(fh.read(n))
+
+
+def safetensors_files(model_dir: Path) -> dict[str, Path]:
+    """Tensor name -> file, for a Hugging Face model directory saved as one ``model.safetensors`` or as shards
+    listed in ``model.safetensors.index.json`` (how 7B checkpoints are saved)."""
+    import json
+
+    from safetensors import safe_open
+
+    single = model_dir / "model.safetensors"
+    if single.exists():
+        with safe_open(str(single), framework="pt") as f:
+            return {k: single for k in f.keys()}  # noqa: SIM118 - safe_open handles are not mappings
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {k: model_dir / name for k, name in weight_map.items()}
+    raise FileNotFoundError(
+        f"{model_dir}: neither model.safetensors nor model.safetensors.index.json (the EMA reference averages "
+        "safetensors weights; re-save the model with save_pretrained and safe_serialization=True)"
+    )
+
+
+_TURN_MARKER = "ALIGNLAB_END_OF_TURN_PROBE"
+
+
+def end_of_turn_ids(tokenizer) -> set[int]:
+    """The special token the chat template writes right after an assistant message (``<|im_end|>`` for ChatML).
+
+    A model trained on its template ends a turn with it, whatever the tokenizer's ``eos_token`` says (SmolLM2's
+    upstream tokenizer, for one, names ``<|endoftext|>``), so generation must stop there too.
+    """
+    msgs = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": _TURN_MARKER}]
+    try:
+        text = tokenizer.apply_chat_template(msgs, tokenize=False)
+    except Exception:  # noqa: BLE001 - no chat template, or one that refuses this conversation
+        return set()
+    i = text.find(_TURN_MARKER)
+    if i < 0:
+        return set()
+    after = tokenizer(text[i + len(_TURN_MARKER):], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | {k for k, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return {after[0]} if after and after[0] in special else set()
+
+
+def checkpoint_key(model_dir: str | Path) -> str:
+    """Cheap identity of a checkpoint (path, config, weight file sizes and mtimes)."""
+    d = Path(model_dir)
+    parts = [str(d.resolve())]
+    for f in sorted(d.glob("*")):
+        if f.suffix in (".json", ".safetensors"):
+            st = f.stat()
+            parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()
+
+
+ADAPTER_DIR = "adapter"  # a LoRA round's adapter, inside its (merged) checkpoint directory
+
+
+def is_lora(model: Any) -> bool:
+    """True for a peft model carrying adapters (what :func:`apply_lora` returns)."""
+    return hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
+
+
+def save_checkpoint(model, tok, out: str | Path, source_dir: str | Path | None = None,
+                    state_dict: dict | None = None, extra_files: dict[str, str] | None = None) -> Path:
+    """Write a Hugging Face directory atomically: into ``<out>.tmp``, then renamed over ``out``.
+
+    ``alignlab_model.json`` (which model config the weights go with) is carried over from ``source_dir``, so
+    ``alignlab eval`` prompts the checkpoint as the run did; ``extra_files`` (name -> text) are written beside
+    the weights (they win over the carried file). ``state_dict``: weights gathered elsewhere (ZeRO-3). A LoRA
+    model (:func:`apply_lora`) is written merged (``W + (alpha/r) B A``: a plain HF directory that generation,
+    vLLM and ``alignlab eval`` load as any other), its adapter in the ``adapter/`` subdirectory; ``model`` is
+    merged in place.
+    """
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        def writes(model: Any):  # lazily: a LoRA adapter is saved, then merged, before the weights are
+            if is_lora(model):
+                yield model, tmp / ADAPTER_DIR, {}  # adapter_config.json + adapter_model.safetensors
+                model = model.merge_and_unload()
+            yield model, tmp, {"safe_serialization": True, "state_dict": state_dict}
+            yield tok, tmp, {}
+
+        for obj, where, kw in writes(model):
+            obj.save_pretrained(where, **kw)  # adapter (LoRA), weights (safetensors), tokenizer
+        meta = resolve_path(str(source_dir)) / "alignlab_model.json" if source_dir else None
+        if meta is not None and meta.exists():
+            shutil.copy(meta, tmp / meta.name)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint (if any) is untouched
+        raise DiskFull(tmp) from e
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out

@@ -20,6 +20,7 @@ import zipfile
 from pathlib import Path
 
 from alignlab.hub import sha256_of
+from alignlab.models import cache_root, save_checkpoint
 from alignlab.records import atomic_write_text
 
 log = logging.getLogger("alignlab")
@@ -36,11 +37,6 @@ MARKER = "alignlab_model.json"
 
 class ModelUnavailable(RuntimeError):
     """The model could not be fetched or converted (no registry access, wrong file); says what to do."""
-
-
-def cache_root() -> Path:
-    """``$ALIGNLAB_CACHE``, else ``~/.cache/alignlab``: downloaded and converted models, never in the repo."""
-    return Path(os.environ.get("ALIGNLAB_CACHE") or Path.home() / ".cache" / "alignlab").expanduser()
 
 
 def model_dir() -> Path:
@@ -137,7 +133,6 @@ def convert_gguf(gguf_path: Path, out: Path) -> Path:
     eos = sorted({im_end, tok.eos_token_id} - {None})
     model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=eos,
                                                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else im_end)
-    from alignlab.train.core import save_checkpoint
 
     out.parent.mkdir(parents=True, exist_ok=True)
     return save_checkpoint(model, tok, out, extra_files={MARKER: json.dumps(

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from alignlab.ledger import LEDGER_KEYS
+from alignlab.ledger import REPORTED_KEYS
 from alignlab.report.discovery import TOTAL_KEYS, Key, Run, as_dict, natural, sort_key
 
 DIAGNOSTICS = {  # summary.json rounds[k]["diagnostics"] key -> what the table shows
@@ -24,7 +24,7 @@ DIAGNOSTICS = {  # summary.json rounds[k]["diagnostics"] key -> what the table s
     "pass_at_k": "pass@k over the N samples",
     "mean_pass_rate": "mean pass rate of the N samples",
 }
-ROUND_COLUMNS = ["round", "accuracy", "se", "n", "pairs", "selected", *LEDGER_KEYS, "base_accuracy", "base_se",
+ROUND_COLUMNS = ["round", "accuracy", "se", "n", "pairs", "selected", *REPORTED_KEYS, "base_accuracy", "base_se",
                  "final_accuracy"]
 DIFFICULTY = "acc_difficulty_"
 
@@ -60,10 +60,10 @@ def mean_se(values: Iterable[float], own_se: float = math.nan) -> Stat:
 def rounds_frame(runs: Sequence[Run]) -> pd.DataFrame:
     """One row per run per round, every run given (failed runs' partial rounds too), values as the summaries hold
     them (object dtype, so report.csv writes them unchanged). ``run`` indexes `runs`. Ledger fields beyond
-    LEDGER_KEYS (for example ``forward_tokens``), ``acc_difficulty_<d>`` and the diagnostics columns exist only where
+    REPORTED_KEYS (for example ``forward_tokens``), ``acc_difficulty_<d>`` and the diagnostics columns exist only where
     some run recorded them, so reports of older runs keep their columns."""
     rows = []
-    extra: dict[str, None] = {}  # ledger fields beyond LEDGER_KEYS (newer runs), in order of first appearance
+    extra: dict[str, None] = {}  # ledger fields beyond REPORTED_KEYS (newer runs), in order of first appearance
     for i, r in enumerate(runs):
         base, final = r.base, as_dict(r.final_round.get("eval")).get("accuracy")
         for rd in r.rounds:
@@ -73,7 +73,7 @@ def rounds_frame(runs: Sequence[Run]) -> pd.DataFrame:
             extra |= dict.fromkeys(more)
             row = {"run": i, "round": rd.get("round"), "accuracy": ev.get("accuracy"), "se": ev.get("se"),
                    "n": ev.get("n"), "pairs": rd.get("pairs"), "selected": rd.get("selected"),
-                   **{k: ledger.get(k) for k in LEDGER_KEYS}, **more, "base_accuracy": base.get("accuracy"),
+                   **{k: ledger.get(k) for k in REPORTED_KEYS}, **more, "base_accuracy": base.get("accuracy"),
                    "base_se": base.get("se"), "final_accuracy": final}
             row |= {f"{DIFFICULTY}{d}": v for d, v in as_dict(ev.get("by_difficulty")).items()}
             row |= {k: v for k, v in as_dict(rd.get("diagnostics")).items() if k in DIAGNOSTICS}
@@ -81,7 +81,7 @@ def rounds_frame(runs: Sequence[Run]) -> pd.DataFrame:
     frame = pd.DataFrame(rows, dtype=object)
     diff_cols = sorted((c for c in frame.columns if c.startswith(DIFFICULTY)), key=lambda c: natural(c[len(DIFFICULTY):]))
     diag_cols = [k for k in DIAGNOSTICS if k in frame.columns]
-    ledger_end = ROUND_COLUMNS.index(LEDGER_KEYS[-1]) + 1
+    ledger_end = ROUND_COLUMNS.index(REPORTED_KEYS[-1]) + 1
     columns = [*ROUND_COLUMNS[:ledger_end], *extra, *ROUND_COLUMNS[ledger_end:]]
     return frame.reindex(columns=["run", *columns, *diff_cols, *diag_cols])
 

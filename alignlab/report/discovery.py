@@ -18,10 +18,10 @@ from typing import Any
 
 import yaml
 
-from alignlab.ledger import LEDGER_KEYS
+from alignlab.ledger import REPORTED_KEYS
 from alignlab.records import RESUMED_IN
 
-TOTAL_KEYS = ("pairs", "selected", *LEDGER_KEYS)
+TOTAL_KEYS = ("pairs", "selected", *REPORTED_KEYS)
 FAILED_STATUSES = ("fail", "error", "crash", "killed", "abort")
 
 Key = tuple[tuple[str, str], ...]

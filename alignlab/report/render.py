@@ -6,6 +6,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -201,3 +202,19 @@ def write_csv(runs: Sequence[Run], out: Path, paired: Paired | None = None, by: 
     atomic_write_text(path, frame.to_csv(index=False, lineterminator="\r\n"))
     return path
 
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The table a run prints at its end: one row per round (and the base model), accuracy and the ledger."""
+    rows = [("round", "accuracy", "pairs", "selected", "gen tokens", "trained tokens", "FLOPs", "wall s")]
+    if "base" in summary:
+        b = summary["base"]
+        rows.append(("base", f"{b['accuracy']:.3f} ± {b['se']:.3f}", "", "", "", "", "", ""))
+    for r in summary["rounds"]:
+        e, lg = r["eval"], r["ledger"]
+        rows.append((str(r["round"]), f"{e['accuracy']:.3f} ± {e['se']:.3f}", str(r["pairs"]), str(r["selected"]),
+                     str(lg["generated_tokens"]), str(lg["trained_tokens"]), f"{lg['flops']:.3g}",
+                     f"{lg['wall_s']:.1f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

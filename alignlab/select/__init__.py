@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 from alignlab.records import Pair, Selected
 
@@ -43,3 +44,27 @@ class FullSelector(SelectorHooks):
 
     def select(self, pairs: list[Pair], seed: int, scorer=None) -> list[Selected]:
         return [Selected(pair=p, score=0.0) for p in pairs]
+
+
+def make_scorer(reference, chain: list[str], rd: Path, trainer):
+    """Per-pair policy (this round's start) and reference log-probs, for score-based selectors, computed by the
+    trainer (on its ranks under DeepSpeed). ``scorer.forward_tokens`` counts what it ran, for the ledger."""
+
+    def scorer(pairs: list[Pair]) -> dict[str, list[float]]:
+        pol = trainer.logps(chain[-1], pairs, workdir=rd)
+        scorer.forward_tokens += int(pol.get("forward_tokens", 0))
+
+        def logps_of(d: str) -> dict[str, Any]:
+            if d == chain[-1]:
+                return pol
+            res = trainer.logps(d, pairs, workdir=rd)
+            scorer.forward_tokens += int(res.get("forward_tokens", 0))
+            return res
+
+        ref = reference.logps(chain, logps_of, rd)
+        return {"policy_chosen": pol["chosen"], "policy_rejected": pol["rejected"], "ref_chosen": ref["chosen"],
+                "ref_rejected": ref["rejected"], "chosen_tokens": pol["chosen_tokens"],
+                "rejected_tokens": pol["rejected_tokens"]}
+
+    scorer.forward_tokens = 0  # type: ignore[attr-defined]
+    return scorer

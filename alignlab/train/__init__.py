@@ -23,8 +23,9 @@ class TrainResult:
 
 class Trainer(Protocol):
     def train(self, policy_dir: str | Path, pairs: list[Pair], ref_logps: dict[str, list[float]], loss,
-              out_dir: str | Path, seed: int, logger=None) -> TrainResult:
-        """``ref_logps`` holds summed reference log-probs ``chosen`` / ``rejected`` aligned with ``pairs``."""
+              out_dir: str | Path, seed: int, logger=None, callbacks: list | None = None) -> TrainResult:
+        """``ref_logps`` holds summed reference log-probs ``chosen`` / ``rejected`` aligned with ``pairs``;
+        ``callbacks`` (:class:`alignlab.train.callbacks.TrainerCallback`) run inside the step loop."""
         ...
 
     def logps(self, model_dir: str | Path, pairs: list[Pair], workdir: str | Path | None = None) -> dict:

@@ -12,6 +12,8 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
+from alignlab.models import end_of_turn_ids
+
 
 @dataclass
 class Encoded:
@@ -23,8 +25,6 @@ class Encoded:
 def response_end_id(tokenizer) -> int:
     """The token that closes a response: the chat template's end of turn (``<|im_end|>``) where it has one, so
     training teaches the token generation stops at even when ``eos_token`` is another (``<|endoftext|>``)."""
-    from alignlab.generation import end_of_turn_ids
-
     eot = end_of_turn_ids(tokenizer)
     return min(eot) if eot else tokenizer.eos_token_id
 

@@ -1,7 +1,8 @@
-"""The training core every loop shares: batches, the pair forward, optimizer and schedule, the checkpoint writer.
+"""The training core every loop shares: batches, the pair forward, optimizer and schedule (checkpoints are written
+by :func:`alignlab.models.save_checkpoint`).
 
 ``trainer=torch`` (:mod:`alignlab.train.torch_trainer`), the DeepSpeed ranks (:mod:`alignlab.train.ds_worker`) and
-the SFT warm start (:mod:`alignlab.models.sft_base`) each run their own loop (one process; ZeRO ranks; plain
+the SFT warm start (:mod:`alignlab.sft_base`) each run their own loop (one process; ZeRO ranks; plain
 causal LM), but build their optimizer, schedule, forwards and checkpoints here, so the three cannot drift apart.
 Per-token and summed response log-probs are :mod:`alignlab.train.batching`'s. (The two trainers' import lists name
 the same functions from here: that repeat is the point, not a copy of logic.)
@@ -12,15 +13,13 @@ from __future__ import annotations
 import math
 import random
 import resource
-import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from alignlab.records import DiskFull, Pair, is_disk_full
+from alignlab.records import Pair
 from alignlab.train.batching import Encoded, collate, encode, response_logps
 
 
@@ -107,9 +106,6 @@ def build_schedule(opt: torch.optim.Optimizer, warmup: int, total: int,
 
 # -- LoRA (peft) -----------------------------------------------------------------------------------------------------
 
-ADAPTER_DIR = "adapter"  # a LoRA round's adapter, inside its (merged) checkpoint directory
-
-
 @dataclass
 class LoraSettings:
     """``trainer.lora``: train LoRA adapters (peft) instead of every weight; off by default.
@@ -164,11 +160,6 @@ def apply_lora(model: torch.nn.Module, lora: LoraSettings) -> torch.nn.Module:
         raise ValueError(f"trainer.lora.target_modules={lora.target_modules!r}: {e}") from e
 
 
-def is_lora(model: Any) -> bool:
-    """True for a peft model carrying adapters (what :func:`apply_lora` returns)."""
-    return hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
-
-
 def trainable_params(model: torch.nn.Module) -> int:
     """Parameters the optimiser updates (all of them in full fine-tuning; the adapters' with LoRA)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -180,45 +171,3 @@ def peak_rss_mib() -> float:
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------------------
-
-def save_checkpoint(model, tok, out: str | Path, source_dir: str | Path | None = None,
-                    state_dict: dict | None = None, extra_files: dict[str, str] | None = None) -> Path:
-    """Write a Hugging Face directory atomically: into ``<out>.tmp``, then renamed over ``out``.
-
-    ``alignlab_model.json`` (which model config the weights go with) is carried over from ``source_dir``, so
-    ``alignlab eval`` prompts the checkpoint as the run did; ``extra_files`` (name -> text) are written beside
-    the weights (they win over the carried file). ``state_dict``: weights gathered elsewhere (ZeRO-3). A LoRA
-    model (:func:`apply_lora`) is written merged (``W + (alpha/r) B A``: a plain HF directory that generation,
-    vLLM and ``alignlab eval`` load as any other), its adapter in the ``adapter/`` subdirectory; ``model`` is
-    merged in place.
-    """
-    from alignlab.models import resolve_path
-
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        def writes(model: Any):  # lazily: a LoRA adapter is saved, then merged, before the weights are
-            if is_lora(model):
-                yield model, tmp / ADAPTER_DIR, {}  # adapter_config.json + adapter_model.safetensors
-                model = model.merge_and_unload()
-            yield model, tmp, {"safe_serialization": True, "state_dict": state_dict}
-            yield tok, tmp, {}
-
-        for obj, where, kw in writes(model):
-            obj.save_pretrained(where, **kw)  # adapter (LoRA), weights (safetensors), tokenizer
-        meta = resolve_path(str(source_dir)) / "alignlab_model.json" if source_dir else None
-        if meta is not None and meta.exists():
-            shutil.copy(meta, tmp / meta.name)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-    except Exception as e:
-        if not is_disk_full(e):
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint (if any) is untouched
-        raise DiskFull(tmp) from e
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out

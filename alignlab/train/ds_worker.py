@@ -32,7 +32,7 @@ from deepspeed.utils.tensor_fragment import fragment_address
 from alignlab import preempt, statejson
 from alignlab._compat import skip_cpu_shm_allreduce, zero3_full_state_dict
 from alignlab.losses import PairLogps
-from alignlab.models import load_model, load_tokenizer, resolve_path
+from alignlab.models import load_model, load_tokenizer, resolve_path, save_checkpoint
 from alignlab.records import Pair, atomic_write_text, is_disk_full
 from alignlab.spec import LAUNCH_ENV, from_spec
 from alignlab.train import NonFiniteLossError
@@ -48,7 +48,6 @@ from alignlab.train.core import (
     epoch_of,
     pair_forward,
     peak_rss_mib,
-    save_checkpoint,
     summarize,
     trainable_params,
 )

@@ -20,7 +20,7 @@ import torch
 
 from alignlab.logging import progress
 from alignlab.losses import PairLogps
-from alignlab.models import load_model, load_tokenizer
+from alignlab.models import load_model, load_tokenizer, save_checkpoint
 from alignlab.records import Pair
 from alignlab.train import NonFiniteLossError, TrainResult
 from alignlab.train.batching import token_logps_of
@@ -35,7 +35,6 @@ from alignlab.train.core import (
     epoch_of,
     pair_forward,
     peak_rss_mib,
-    save_checkpoint,
     summarize,
     trainable_params,
 )

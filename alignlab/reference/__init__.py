@@ -9,8 +9,14 @@ disk, keyed by a hash of (checkpoint, pairs), so resuming never recomputes them.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Protocol
+
+import torch
+from safetensors import safe_open
+
+from alignlab.models import load_model, load_tokenizer, safetensors_files, save_checkpoint
 
 Logps = dict[str, list[float]]
 
@@ -82,14 +88,6 @@ class EMAReference:
     def _build(self, checkpoints: list[str], out: Path) -> None:
         """Average tensor by tensor (one saved tensor per checkpoint in memory at a time, so a sharded 7B chain
         needs the model plus a few tensors, not a float32 copy of every checkpoint)."""
-        from contextlib import ExitStack
-
-        import torch
-        from safetensors import safe_open
-
-        from alignlab.models import load_model, load_tokenizer
-        from alignlab.train.core import save_checkpoint
-
         model = load_model(checkpoints[0])
         params = model.state_dict()
         files = [safetensors_files(Path(c)) for c in checkpoints]
@@ -113,24 +111,3 @@ class EMAReference:
                     ema.mul_(self.decay).add_(tensor(where, key, ckpt).float(), alpha=1 - self.decay)
                 params[key].copy_(ema)
         save_checkpoint(model, load_tokenizer(checkpoints[0]), out)
-
-
-def safetensors_files(model_dir: Path) -> dict[str, Path]:
-    """Tensor name -> file, for a Hugging Face model directory saved as one ``model.safetensors`` or as shards
-    listed in ``model.safetensors.index.json`` (how 7B checkpoints are saved)."""
-    import json
-
-    from safetensors import safe_open
-
-    single = model_dir / "model.safetensors"
-    if single.exists():
-        with safe_open(str(single), framework="pt") as f:
-            return {k: single for k in f.keys()}  # noqa: SIM118 - safe_open handles are not mappings
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {k: model_dir / name for k, name in weight_map.items()}
-    raise FileNotFoundError(
-        f"{model_dir}: neither model.safetensors nor model.safetensors.index.json (the EMA reference averages "
-        "safetensors weights; re-save the model with save_pretrained and safe_serialization=True)"
-    )

@@ -20,11 +20,11 @@ from omegaconf import OmegaConf
 from alignlab.config import ConfigError
 from alignlab.data import arith
 from alignlab.hub import sha256_of
-from alignlab.models import ModelSpec, load_model, load_tokenizer, resolve_path
+from alignlab.models import ModelSpec, load_model, load_tokenizer, resolve_path, save_checkpoint
 from alignlab.models.tiny import build_model, build_tokenizer
 from alignlab.records import atomic_write_text
 from alignlab.train.batching import collate, encode, response_logps
-from alignlab.train.core import build_optimizer, build_schedule, save_checkpoint
+from alignlab.train.core import build_optimizer, build_schedule
 
 MARKER = "alignlab_model.json"
 
