@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from alignlab.checks import bad_path, read_rows, require_dir
+from alignlab.data.files import load_rows
 from alignlab.records import Problem
 from alignlab.verify.extract import extract_boxed
 
@@ -207,8 +208,6 @@ def load_benchmark_from(name: str, path: str, split: str = "test", config: str |
     """Benchmark ``name`` from any source ``datasets`` reads (a hub id such as ``HuggingFaceH4/MATH-500``, a local
     jsonl/parquet file or a directory), in the benchmark's upstream schema, through the same gold-answer adapter
     as :func:`load_benchmark`."""
-    from alignlab.data.files import load_rows
-
     if name not in _SPECS:
         raise ValueError(f"unknown benchmark {name!r}; valid names: {', '.join(BENCHMARKS)}")
     out: list[Problem] = []

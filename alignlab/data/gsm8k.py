@@ -16,7 +16,7 @@ from pathlib import Path
 
 from alignlab.checks import read_rows
 from alignlab.config import ConfigError
-from alignlab.data.benchmarks import MalformedRow, json_row
+from alignlab.data.benchmarks import MalformedRow, json_row, load_benchmark
 from alignlab.data.files import shard
 from alignlab.records import Problem
 
@@ -127,8 +127,6 @@ class GSM8KDataset:
     def _read_heldout(self, path: Path) -> list[Problem]:
         if self.heldout_path is not None:
             return read_gsm8k(path, source="gsm8k_heldout", strict=self.strict)
-        from alignlab.data.benchmarks import load_benchmark
-
         return load_benchmark("gsm8k", path.parent.parent, strict=self.strict)
 
     def heldout(self) -> list[Problem]:

@@ -12,8 +12,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
+from alignlab.data.arith import ArithDataset
 from alignlab.eval.metrics import sampled_metrics
-from alignlab.records import Problem
+from alignlab.generation import finished_stats
+from alignlab.records import Problem, atomic_write_text
+from alignlab.verify import ArithExactVerifier
 from alignlab.verify.verifiers import check_with_sources
 
 
@@ -62,8 +65,6 @@ def _graded(model_dir, generator, prompts: list[str], problems: list[Problem], v
             greedy: bool) -> tuple[list, list[list[Any]], dict[str, Any]]:
     """``n`` answers per prompt (greedy: one, seed 0; sampled: seed 1, the same draws in every eval) and their
     verdicts (``Verdict``: correct + the extracted answer), with the finished-rate info of :func:`greedy_eval`."""
-    from alignlab.generation import finished_stats
-
     outs = generator.generate(model_dir, prompts, n, seed=0 if greedy else 1, greedy=greedy)
     flat = [s for o in outs for s in o]
     verdicts = check_with_sources(verifier, [s.text for s in flat], [p.answer for p, o in zip(problems, outs) for _ in o],
@@ -162,8 +163,6 @@ SAMPLE_LOG_KEY = "sample_log"  # evaluate()'s per-answer rows by set name; write
 def write_sample_logs(res: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     """Move ``res["sample_log"]`` (if any) into ``<out_dir>/samples_<set>.jsonl``, one row per answer; returns
     ``res`` without it (eval.json keeps the metrics only)."""
-    from alignlab.records import atomic_write_text
-
     logs = res.pop(SAMPLE_LOG_KEY, None) or {}
     for name, rows in logs.items():
         atomic_write_text(Path(out_dir) / f"samples_{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
@@ -194,15 +193,11 @@ class HeldoutEval(SampledEvalMixin):
             raise ValueError(f"limit must be >= 1 or null, got {limit}")
         self._set_sampling(samples, temperature, top_p, pass_k, log_samples)
         if verifier is None:
-            from alignlab.verify import ArithExactVerifier
-
             verifier = ArithExactVerifier()
         self.verifier, self.limit = verifier, limit
 
     def evaluate(self, model_dir, generator, spec, tokenizer, problems: list[Problem] | None = None) -> dict[str, Any]:
         if problems is None:  # standalone `alignlab eval`: the embedded task's held-out set
-            from alignlab.data.arith import ArithDataset
-
             problems = ArithDataset().heldout()
         problems = problems[: self.limit] if self.limit else problems
         res, correct, rows = self._evaluate_set(model_dir, generator, spec, tokenizer, problems, "heldout")

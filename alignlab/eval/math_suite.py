@@ -16,6 +16,7 @@ from alignlab import hub
 from alignlab.data.benchmarks import BENCHMARKS, check_benchmarks, load_benchmark, load_benchmark_from
 from alignlab.eval import FINISHED_WARN, SAMPLE_LOG_KEY, SampledEvalMixin, accuracy_se
 from alignlab.records import Problem
+from alignlab.verify import MathVerifier
 
 DEFAULT_ROOT = os.environ.get("ALIGNLAB_BENCHMARKS", str(Path(__file__).resolve().parents[3] / "shared" / "data"
                                                           / "benchmarks"))
@@ -54,8 +55,6 @@ class MathSuiteEval(SampledEvalMixin):
             check_benchmarks(from_root, root, strict=strict)  # every named test.jsonl readable, with usable rows
         self.benchmarks, self.root, self.limit, self.strict = names, root, limit, strict
         if verifier is None:
-            from alignlab.verify import MathVerifier
-
             verifier = MathVerifier()
         self.verifier = verifier
 

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from alignlab._compat import cache_with_layer_class, dynamic_layer_base
 from alignlab.generation import Sample, check_sampling, sample_seed, stop_token_ids
+from alignlab.logging import progress
 from alignlab.models import load_model, load_tokenizer, resolve_path
 
 _M1, _M2, _M3 = 0x9E3779B97F4A7C15 - (1 << 64), 0xBF58476D1CE4E5B9 - (1 << 64), 0x94D049BB133111EB - (1 << 64)
@@ -123,8 +124,6 @@ class HFGenerator:
                  greedy: bool = False, shard: tuple[int, int] | None = None) -> list[list[Sample]]:
         """``shard=(rank, world)``: decode only every world-th batch from the rank-th (the others stay empty), so
         the batches of R ranks together are exactly one process's (alignlab/generation/ranks.py)."""
-        from alignlab.logging import progress
-
         model, tok = self._load(model_dir)
         n = 1 if greedy else n
         stop = stop_token_ids(tok, _as_list(getattr(model.generation_config, "eos_token_id", None)), self.stop_tokens)

@@ -35,7 +35,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from alignlab._compat import shutdown_vllm
 from alignlab.generation import Sample, check_sampling, sample_seed, stop_token_ids
+from alignlab.models import load_tokenizer, resolve_path
 from alignlab.records import atomic_write_text
 
 log = logging.getLogger("alignlab")
@@ -121,8 +123,6 @@ class VLLMGenerator:
                  greedy: bool = False, shard: tuple[int, int] | None = None) -> list[list[Sample]]:
         """``shard=(rank, world)`` (a trainer's rank, :mod:`alignlab.generation.ranks`): this rank's engine decodes
         the rank-th contiguous block of the prompts; the other prompts' lists stay empty."""
-        from alignlab.models import load_tokenizer, resolve_path
-
         key = str(resolve_path(str(model_dir)))
         tok = load_tokenizer(key)
         stop = sorted(stop_token_ids(tok, list(_generation_eos(key)), self.stop_tokens))
@@ -422,8 +422,6 @@ def _generation_eos(model_dir: str) -> list[int]:
 
 def _shutdown(llm) -> None:
     """Stop the engine core, drop parallel state (vLLM internals: alignlab/_compat.py), free the cache."""
-    from alignlab._compat import shutdown_vllm
-
     shutdown_vllm(llm)
     del llm
     _free_cuda()

@@ -87,8 +87,6 @@ class ModelSpec:
         return resolve_path(self.path)
 
     def check_exists(self) -> None:
-        from alignlab import hub
-
         if hub.is_hub_id(self.path):
             try:
                 hub.fetch_model(self.path)  # the hub only for a hub id; offline, a cached copy or a fast error
