@@ -87,7 +87,7 @@ def skip_cpu_shm_allreduce() -> None:
     require("deepspeed")
     from deepspeed.accelerator import get_accelerator
 
-    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")  # the attribute is shadowed by torch itself
+    ds_torch_comm: Any = importlib.import_module("deepspeed.comm.torch")  # the attribute is shadowed by torch itself
     if get_accelerator().device_name() == "cpu" and hasattr(ds_torch_comm, "build_shm_op"):
         ds_torch_comm.build_shm_op = lambda: None
 

@@ -169,7 +169,7 @@ def read_jsonl(path: str | Path, cls: type[T] | None = None) -> list[T]:
 def _row(r: Any) -> Any:
     if isinstance(r, Selected):
         return r.row()
-    return dataclasses.asdict(r) if dataclasses.is_dataclass(r) else r
+    return dataclasses.asdict(r) if dataclasses.is_dataclass(r) and not isinstance(r, type) else r
 
 
 def _from_dict(cls: type[T], row: dict) -> T:

@@ -106,7 +106,7 @@ def decode(data: Any, key: str = "state") -> Any:
         if not isinstance(dtype, torch.dtype):
             raise StateError(f"{key}: unknown torch dtype {data['dtype']!r}")
         return torch.tensor(body, dtype=dtype).reshape(data["shape"])
-    cls = trusted_class(body, f"{key}.__object__")
+    cls: Any = trusted_class(body, f"{key}.__object__")  # Any: mypy would take cls.__new__ for type.__new__
     obj = cls.__new__(cls)
     obj.__dict__.update(decode(data["state"], f"{key}.{cls.__name__}"))
     return obj

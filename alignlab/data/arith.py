@@ -138,7 +138,8 @@ def generate(n: int, split: str, seed: int, levels: tuple[int, ...] = (1, 2, 3, 
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     rng = random.Random(f"arith:{split}:{seed}")
-    out, seen = [], set()
+    out: list[ArithProblem] = []
+    seen: set[str] = set()
     i = 0
     while len(out) < n:
         p = random_problem(rng, levels[i % len(levels)])

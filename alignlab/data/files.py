@@ -126,6 +126,7 @@ def to_problems(rows: list[dict], source: str, prompt_key: str, answer_key: str,
             if skipped <= 3:
                 log.warning("%s row %d: skipping: %s", source, i, why)
             continue
+        assert prompt is not None and gold is not None  # no `why`: both are non-empty strings
         uid = get_key(row, id_key) if id_key else None
         diff = get_key(row, difficulty_key) if difficulty_key else None
         try:
@@ -186,7 +187,7 @@ class FileDataset:
             raise ValueError(f"heldout_split: path {path} is a single file (it has no {heldout_split!r} split); "
                              f"name the held-out file with heldout_path")
         self.path, self.split, self.name = path, split, name
-        self.keys = dict(prompt_key=prompt_key, answer_key=answer_key, id_key=id_key, difficulty_key=difficulty_key,
+        self.keys: dict[str, Any] = dict(prompt_key=prompt_key, answer_key=answer_key, id_key=id_key, difficulty_key=difficulty_key,
                          answer_format=answer_format, strict=strict, data_source_key=data_source_key)
         self.train_prompts, self.eval_problems, self.seed = train_prompts, eval_problems, seed
         self.heldout_path, self.heldout_split = heldout_path, heldout_split
@@ -218,10 +219,12 @@ class FileDataset:
 
     def train(self, round_index: int) -> list[Problem]:
         self._load()
+        assert self._train is not None  # _load set it
         return shard(self._train, self.train_prompts, round_index, f"files:{self.seed}")
 
     def heldout(self) -> list[Problem]:
         self._load()
+        assert self._heldout is not None  # _load set it
         return list(self._heldout)
 
     def check_heldout(self) -> None:

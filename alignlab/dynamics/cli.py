@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any, cast
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -25,7 +26,7 @@ CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 @hydra.main(config_path=CONF_DIR, config_name="dynamics", version_base=None)
 def main(cfg: DictConfig) -> float:
     """Run one simulation; returns the oscillation strength (handy for sweepers)."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))  # a DictConfig becomes a dict
     result = run_one(plain)
     out = Path(HydraConfig.get().runtime.output_dir) / "result.json"
     tmp = out.with_suffix(".json.tmp")

@@ -58,7 +58,7 @@ def transitive_matrix(K: int = 4, p: float = 0.95) -> Array:
     return P
 
 
-def bradley_terry(rewards: Sequence[float], scale: float = 1.0) -> Array:
+def bradley_terry(rewards: Sequence[float] | Array, scale: float = 1.0) -> Array:
     """BT matrix P_ij = sigmoid(scale (r_i - r_j)); BT is strongly transitive and is the case where DPO is sampling-invariant."""
     r = np.asarray(rewards, dtype=float)
     return _sigmoid(scale * (r[:, None] - r[None, :]))

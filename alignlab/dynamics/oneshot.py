@@ -158,8 +158,8 @@ def maximal_lottery(P: Array, tol: float = 1e-10) -> Array:
     K = len(P)
     M = P - 0.5
     for size in range(1, K + 1):
-        for S in itertools.combinations(range(K), size):
-            S = list(S)
+        for combo in itertools.combinations(range(K), size):
+            S = list(combo)
             A = np.vstack([M[np.ix_(S, S)], np.ones((1, size))])
             b = np.zeros(size + 1)
             b[-1] = 1.0

@@ -14,7 +14,7 @@ import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -64,9 +64,9 @@ def compose_config(overrides: Sequence[str] = ()) -> dict[str, Any]:
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = compose(config_name="dynamics", overrides=list(overrides))
-    cfg = OmegaConf.to_container(cfg, resolve=False)
-    cfg.pop("hydra", None)
-    return cfg
+    plain = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=False))  # a DictConfig becomes a dict
+    plain.pop("hydra", None)
+    return plain
 
 
 def _overlays(ax: Any, cfg: dict[str, Any], P: Array, betas: Array, lam: float) -> None:

@@ -17,7 +17,7 @@ from alignlab.eval.metrics import sampled_metrics
 from alignlab.generation import finished_stats
 from alignlab.records import Problem, atomic_write_text
 from alignlab.verify import ArithExactVerifier
-from alignlab.verify.verifiers import check_with_sources
+from alignlab.verify.verifiers import Verifier, check_with_sources
 
 
 class Evaluator(Protocol):
@@ -109,6 +109,7 @@ class SampledEvalMixin:
     top_p: float = 0.95
     pass_k: list[int] | None = None
     log_samples: bool = False
+    verifier: Verifier  # set by each evaluator's __init__
 
     def _set_sampling(self, samples: int = 0, temperature: float = 0.6, top_p: float = 0.95,
                       pass_k: list[int] | None = None, log_samples: bool = False) -> None:

@@ -41,6 +41,9 @@ class _PreallocLayer(dynamic_layer_base()):  # type: ignore[misc]
     view of the same length and values, so the outputs are the same; ``extra`` positions are reserved up front."""
 
     extra = 128
+    _k: Tensor  # the preallocated buffers (set by _realloc)
+    _v: Tensor
+    _n: int  # cached positions
 
     def _views(self, n: int) -> None:
         self._n = n

@@ -11,7 +11,10 @@ import sys
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+if TYPE_CHECKING:
+    from wandb import Run
 
 log = logging.getLogger("alignlab")
 
@@ -53,7 +56,7 @@ def run_id(run_dir: str | Path) -> str:
 
 
 WANDB_DEFAULTS = {"project": "alignlab", "mode": "offline", "entity": None}
-WANDB_MODES = {"offline": "offline", "online": "online", "disabled": "disabled", "dryrun": "offline", "run": "online"}
+WANDB_MODES: dict[str, Literal["offline", "online", "disabled"]] = {"offline": "offline", "online": "online", "disabled": "disabled", "dryrun": "offline", "run": "online"}
 
 
 def wandb_setting(key: str, explicit: str | None, env: Mapping[str, str] | None = None) -> str | None:
@@ -79,7 +82,7 @@ class WandbLogger(ConsoleLogger):
             raise ValueError(f"mode must be offline, online or disabled, got {resolved!r}{where}")
         self.project, self.mode = wandb_setting("project", project), WANDB_MODES[resolved]
         self.group, self.tags, self.entity = group, list(tags or []), wandb_setting("entity", entity)
-        self._run = None
+        self._run: Run | None = None
         self._step = 0
 
     def start(self, run_dir: Path, config: dict, name: str) -> None:
@@ -133,6 +136,8 @@ def progress(iterable: Iterable | None = None, *, total: int | None = None, desc
     from tqdm.auto import tqdm
 
     class Bar(tqdm):
+        last_print_t: float  # tqdm's; declared here because tqdm ships no types
+
         def update(self, n: float | None = 1) -> bool | None:
             """Also redraws when nothing finished for ``mininterval`` (a long batch still shows it is alive)."""
             shown = super().update(n)

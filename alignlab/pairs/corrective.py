@@ -84,7 +84,8 @@ class CorrectivePairBuilder:
         return out
 
     def _mix(self, corr: list, nat: list, rng: random.Random) -> list[tuple[str, tuple[Rollout, Rollout]]]:
-        corr, nat, out = list(corr), list(nat), []
+        corr, nat = list(corr), list(nat)
+        out: list[tuple[str, tuple[Rollout, Rollout]]] = []
         while (corr or nat) and len(out) < self.max_pairs_per_prompt:
             take_corr = bool(corr) and (not nat or rng.random() < self.corrective_weight)
             out.append(("corrective", corr.pop(0)) if take_corr else ("natural", nat.pop(0)))

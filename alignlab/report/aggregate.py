@@ -118,7 +118,7 @@ def group_stats(frame: pd.DataFrame, by: list[str], col: str, own_se: str | None
         if row["count"] < n:  # only when skipna=False
             out[group] = Stat(math.nan, math.nan, n)
         elif n == 1:
-            out[group] = Stat(float(row["mean"]), float(first_se.loc[row.name]) if own_se else math.nan, 1)
+            out[group] = Stat(float(row["mean"]), float(first_se.loc[row.name]) if first_se is not None else math.nan, 1)
         else:
             out[group] = Stat(float(row["mean"]), float(row["sem"]), n)
     return out

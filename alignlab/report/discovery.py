@@ -59,6 +59,8 @@ class Run:
     @property
     def seed(self) -> int | None:
         for source in ((self.summary or {}).get("seed"), self.overrides.get("seed"), self.config.get("seed")):
+            if source is None:
+                continue
             try:
                 return int(source)
             except (TypeError, ValueError):

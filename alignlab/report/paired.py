@@ -21,6 +21,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -172,7 +173,7 @@ def find_baseline(stats: Sequence[ConfigStats], want: dict[str, str]) -> ConfigS
 
 def _evals(stats: Sequence[ConfigStats]) -> pd.DataFrame:
     """Per configuration, seed and round (and ``final``): each run's eval (several rows where runs share a seed)."""
-    rows = []
+    rows: list[tuple[int, int, int | str, dict[str, Any]]] = []  # at: a round number or FINAL
     for i, s in enumerate(stats):
         for run in s.runs:
             if run.seed is None:

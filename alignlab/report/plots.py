@@ -66,10 +66,11 @@ def write_plots(stats: Sequence[ConfigStats], out: Path) -> list[str]:
     # Accuracy per round, round 0 = the base model.
     fig, ax = new("Accuracy per round (mean ± SE over seeds)", "round")
     for s in stats:
-        xs = [0, *s.rounds]
-        pts = [s.base, *s.rounds.values()]
+        rounds = [0, *s.rounds]
+        curve = [s.base, *s.rounds.values()]
         ax.errorbar(
-            xs, [p.mean for p in pts], yerr=[_finite(p.se) for p in pts], capsize=3, label=labels[s.key], **style[s.key]
+            rounds, [p.mean for p in curve], yerr=[_finite(p.se) for p in curve], capsize=3, label=labels[s.key],
+            **style[s.key],
         )
     ax.set_xticks(sorted({0, *(r for s in stats for r in s.rounds)}))
     save(fig, ax, "accuracy_per_round.png")
@@ -79,29 +80,30 @@ def write_plots(stats: Sequence[ConfigStats], out: Path) -> list[str]:
         ("generated_tokens", "frontier_generated_tokens.png", "generated tokens"),
         ("flops", "frontier_flops.png", "FLOPs"),
     ):
-        pts = [(s.totals[col], s.final, s.key) for s in stats if math.isfinite(s.totals[col].mean)]
-        if not pts:
+        finals = [(s.totals[col], s.final, s.key) for s in stats if math.isfinite(s.totals[col].mean)]
+        if not finals:
             continue
         fig, ax = new(f"Final accuracy vs {what} (mean ± SE over seeds)", f"{what} (total over rounds)")
-        for x, y, key in pts:
+        for total, final, cfg in finals:
             ax.errorbar(
-                [x.mean],
-                [y.mean],
-                xerr=[_finite(x.se)],
-                yerr=[_finite(y.se)],
+                [total.mean],
+                [final.mean],
+                xerr=[_finite(total.se)],
+                yerr=[_finite(final.se)],
                 capsize=3,
-                label=labels[key],
-                **style[key],
+                label=labels[cfg],
+                **style[cfg],
             )
-        frontier, best = [], -math.inf
-        for x, y, _ in sorted(pts, key=lambda p: (p[0].mean, -p[1].mean)):
-            if y.mean > best:
-                frontier.append((x.mean, y.mean))
-                best = y.mean
+        frontier: list[tuple[float, float]] = []
+        best = -math.inf
+        for total, final, _ in sorted(finals, key=lambda p: (p[0].mean, -p[1].mean)):
+            if final.mean > best:
+                frontier.append((total.mean, final.mean))
+                best = final.mean
         if len(frontier) > 1:
             ax.plot(*zip(*frontier), ls="--", color="gray", lw=1, drawstyle="steps-post", label="frontier")
-        xs = [p[0].mean for p in pts if p[0].mean > 0]
-        if xs and max(xs) / min(xs) > 20:
+        totals = [p[0].mean for p in finals if p[0].mean > 0]
+        if totals and max(totals) / min(totals) > 20:
             ax.set_xscale("log")
         save(fig, ax, name)
 

@@ -182,7 +182,7 @@ def write_csv(runs: Sequence[Run], out: Path, paired: Paired | None = None, by: 
     (and so the paired columns) were grouped by."""
     frame = rounds_frame(runs)
     override_cols = sorted({k for r in runs for k in r.overrides if k not in CSV_FIXED + ROUND_COLUMNS and k != "seed"})
-    run_cols = {
+    run_cols: dict[str, list[Any]] = {
         "run_dir": [_rel(r.path, out) for r in runs],
         "config": [" ".join(f"{k}={v}" for k, v in r.key()) for r in runs],
         **({"grouped_by": [" ".join(by)] * len(runs)} if by else {}),

@@ -210,7 +210,8 @@ class KeepSchedule:
         """(pairs to keep of this batch, per-bucket counts or None without shares); changes nothing (``commit``)."""
         n = len(buckets)
         k = min(n, max(0, exact_count(self.keep_ratio, self.candidates + n) - self.kept))
-        if self.props is None:
+        props = self.props
+        if props is None:
             return k, None
         avail: dict[str, int] = {}
         for b in buckets:
@@ -219,10 +220,10 @@ class KeepSchedule:
         order = {b: i for i, b in enumerate(BUCKETS)}
         for j in range(k):
             total = self.kept + j + 1
-            open_ = [b for b in avail if self.props.get(b, 0) > 0 and want[b] < avail[b]]
+            open_ = [b for b in avail if props.get(b, 0) > 0 and want[b] < avail[b]]
             if open_:
-                b = max(open_, key=lambda b: (self.props[b] * total - self.took.get(b, 0) - want[b],
-                                              self.props[b], -order.get(b, len(order))))
+                b = max(open_, key=lambda b: (props[b] * total - self.took.get(b, 0) - want[b],
+                                              props[b], -order.get(b, len(order))))
             else:  # every bucket with a share is used up: zero-share buckets (and unknown), fullest first
                 b = max((b for b in avail if want[b] < avail[b]), key=lambda b: (avail[b] - want[b], b))
             want[b] += 1

@@ -133,7 +133,7 @@ SCORES: dict[str, Callable[..., np.ndarray]] = {"newton": newton_score, "stable"
                                                 "signal": signal_score, "boundary": boundary_score}
 
 
-def histogram(values: Sequence[float], edges: Sequence[float]) -> list[int]:
+def histogram(values: Sequence[float] | np.ndarray, edges: Sequence[float]) -> list[int]:
     """Counts per bin, with under/overflow folded into the first/last bin (JSON-friendly)."""
     v = np.clip(np.asarray(values, dtype=float), edges[0], edges[-1])
     return np.histogram(v, bins=np.asarray(edges))[0].tolist()
@@ -226,6 +226,7 @@ class SageSelector:
             if self.curriculum is not None:
                 log.warning("sage: no pair records a pass_rate; the curriculum is off this round")
             return {"competence": None, "stage": None, "buckets": None}
+        stage: int | None
         comp, stage = cur.decide(pairs, self.round_info)
         if self.curriculum is None:
             stage = None

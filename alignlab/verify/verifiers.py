@@ -7,6 +7,7 @@ import inspect
 import math
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
@@ -57,7 +58,8 @@ def check_with_sources(verifier: Verifier, predictions: list[str], golds: list[s
     except (TypeError, ValueError):
         takes = False
     if takes and data_sources is not None:
-        return verifier.check(predictions, golds, data_sources=data_sources)
+        check: Callable[..., list[Verdict]] = verifier.check  # this one's check takes data_sources (beyond Verifier)
+        return check(predictions, golds, data_sources=data_sources)
     return verifier.check(predictions, golds)
 
 
@@ -291,6 +293,8 @@ def _check_base(base: object) -> None:
 
 class _Wrapper(_Closeable):
     """A verifier around another (``base``): closing it closes the base."""
+
+    base: Verifier
 
     def close(self) -> None:
         getattr(self.base, "close", lambda: None)()  # a user's base verifier need not have one
