@@ -152,10 +152,6 @@ def finished_recipe(out_dir: Path) -> dict | None:
 
 
 def _to_dict(node: Any) -> dict:
-    return OmegaConf.to_container(node, resolve=True)
-
-if __name__ == "__main__":
-    import sys
-
-    kw = dict(a.split("=", 1) for a in sys.argv[2:])
-    train_sft_base(sys.argv[1], **{k: (float(v) if "." in v else int(v)) for k, v in kw.items()})
+    out = OmegaConf.to_container(node, resolve=True)
+    assert isinstance(out, dict)  # a config node (DictConfig)
+    return out

@@ -45,7 +45,7 @@ from alignlab.records import (
 )
 from alignlab.reference import Reference
 from alignlab.sampling import SampleContext, Sampler
-from alignlab.select import Selector, make_scorer
+from alignlab.select import LogpsScorer, Selector
 from alignlab.train import Trainer
 from alignlab.train.pair_count import TrainedPairs
 from alignlab.verify import Verifier, check_with_sources
@@ -226,7 +226,7 @@ def diagnostics(r: Round) -> dict[str, float]:
 
 def select_stage(r: Round) -> None:
     run = r.run
-    scorer = make_scorer(run.reference, r.chain, r.rd, run.trainer)
+    scorer = LogpsScorer(run.reference, r.chain, r.rd, run.trainer)
     # a curriculum advances on the round and its all-prompt and pool pass rates (runs from before pool_pass_rate: None)
     past = [json.loads((run.out_dir / f"round_{j}" / "metrics.json").read_text())["diagnostics"] for j in range(1, r.k)]
     now = diagnostics(r)

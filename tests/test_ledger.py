@@ -126,7 +126,7 @@ def test_sage_round_ledger_charges_scoring_and_the_curriculum_advances_per_round
 
 @pytest.mark.slow
 def test_pool_sage_rounds_charge_their_scoring_at_the_select_stage(tiny_dir, tmp_path):
-    """selector=sage granularity=pool through the runner (make_scorer): every pair of the pool scored once per
+    """selector=sage granularity=pool through the runner (LogpsScorer): every pair of the pool scored once per
     round, charged to the select stage; the kept share is ceil(keep_ratio * pool)."""
     run = [a for a in TINY_RUN if not a.startswith(("sampler.n", "data.train_prompts"))]
     alignlab(*run, "sampler.n=8", "data.train_prompts=24", "selector=sage", "selector.granularity=pool",

@@ -8,6 +8,7 @@ presentation (``\\text``, ``^\\circ``, units, ...) is normalised by the verifier
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -237,4 +238,8 @@ def check_benchmarks(names: Sequence[str], root: str | Path, strict: bool = Fals
             path = benchmark_path(name, root)
         except FileNotFoundError:
             raise bad_path(f"eval.benchmarks[{name}]", root / name / "test.jsonl", "no such file", fix) from None
-        read_rows(f"eval.benchmarks[{name}]", path, lambda p, n=name: load_benchmark(n, root, strict=strict), fix)
+        read_rows(f"eval.benchmarks[{name}]", path, functools.partial(_load_checked, name, root, strict), fix)
+
+
+def _load_checked(name: str, root: Path, strict: bool, _path: Path) -> list[Problem]:
+    return load_benchmark(name, root, strict=strict)

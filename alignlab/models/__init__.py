@@ -176,7 +176,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
 
     require_safetensors(resolve_path(str(path)))
     kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model = AutoModelForCausalLM.from_pretrained(str(resolve_path(str(path))), dtype=dtype, use_safetensors=True, **kw)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(resolve_path(str(path))), dtype=dtype, use_safetensors=True,
+                                                      **kw)
     return model.to(device)
 
 

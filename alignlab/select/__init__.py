@@ -46,25 +46,23 @@ class FullSelector(SelectorHooks):
         return [Selected(pair=p, score=0.0) for p in pairs]
 
 
-def make_scorer(reference, chain: list[str], rd: Path, trainer):
-    """Per-pair policy (this round's start) and reference log-probs, for score-based selectors, computed by the
-    trainer (on its ranks under DeepSpeed). ``scorer.forward_tokens`` counts what it ran, for the ledger."""
+class LogpsScorer:
+    """The :class:`PairScorer` the select stage hands to score-based selectors: per-pair policy (this round's
+    start) and reference log-probs, computed by the trainer (on its ranks under DeepSpeed). ``forward_tokens``
+    counts every token it ran through a model, for the ledger."""
 
-    def scorer(pairs: list[Pair]) -> dict[str, list[float]]:
-        pol = trainer.logps(chain[-1], pairs, workdir=rd)
-        scorer.forward_tokens += int(pol.get("forward_tokens", 0))
+    def __init__(self, reference: Any, chain: list[str], rd: Path, trainer: Any) -> None:
+        self.reference, self.chain, self.rd, self.trainer = reference, chain, rd, trainer
+        self.forward_tokens = 0
 
-        def logps_of(d: str) -> dict[str, Any]:
-            if d == chain[-1]:
-                return pol
-            res = trainer.logps(d, pairs, workdir=rd)
-            scorer.forward_tokens += int(res.get("forward_tokens", 0))
-            return res
+    def _logps(self, model_dir: str, pairs: list[Pair]) -> dict[str, Any]:
+        res = self.trainer.logps(model_dir, pairs, workdir=self.rd)
+        self.forward_tokens += int(res.get("forward_tokens", 0))
+        return res
 
-        ref = reference.logps(chain, logps_of, rd)
+    def __call__(self, pairs: list[Pair]) -> dict[str, list[float]]:
+        pol = self._logps(self.chain[-1], pairs)
+        ref = self.reference.logps(self.chain, lambda d: pol if d == self.chain[-1] else self._logps(d, pairs), self.rd)
         return {"policy_chosen": pol["chosen"], "policy_rejected": pol["rejected"], "ref_chosen": ref["chosen"],
                 "ref_rejected": ref["rejected"], "chosen_tokens": pol["chosen_tokens"],
                 "rejected_tokens": pol["rejected_tokens"]}
-
-    scorer.forward_tokens = 0  # type: ignore[attr-defined]
-    return scorer
