@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from alignlab.records import Pair, Selected
+from alignlab.train.callbacks import TrainerCallback, TrainState
 
 
 class PairScorer(Protocol):
@@ -37,6 +38,19 @@ class SelectorHooks:
     def callbacks(self) -> list:
         """Trainer callbacks this selector runs in-step (SAGE's per-step filter); none by default."""
         return []
+
+
+class StepFilter(TrainerCallback):
+    """An in-step filter (SAGE's, the Random control's): each step's record carries how many candidate pairs it
+    drew and how many it kept, counted in ``step_cands`` / ``step_kept`` as it filters."""
+
+    step_cands = 0
+    step_kept = 0
+
+    def on_step_end(self, state: TrainState) -> dict[str, float]:
+        out = {"candidates": float(self.step_cands), "kept": float(self.step_kept)}
+        self.step_cands = self.step_kept = 0
+        return out
 
 
 class FullSelector(SelectorHooks):

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from alignlab.records import Pair, Selected, write_jsonl
-from alignlab.select import SelectorHooks
+from alignlab.select import SelectorHooks, StepFilter
 from alignlab.select.curriculum import Curriculum, KeepSchedule
 from alignlab.select.sage import candidate_draw, keep_count
 from alignlab.train.callbacks import TrainerCallback, TrainState
@@ -62,7 +62,7 @@ class RandomSelector(SelectorHooks):
         return [RandomStepFilter(self.keep_ratio)] if self.mode == "step" else []
 
 
-class RandomStepFilter(TrainerCallback):
+class RandomStepFilter(StepFilter):
     """Per step: keep a uniformly random subset of each candidate batch, as many as SAGE's filter would keep."""
 
     def __init__(self, keep_ratio: float) -> None:
@@ -90,11 +90,6 @@ class RandomStepFilter(TrainerCallback):
         self.rows += [{"step": state.step, "epoch": state.epoch, "pair": int(idx[j]),
                        "problem_id": state.pairs[idx[j]].problem_id} for j in kept]
         return [idx[j] for j in kept]
-
-    def on_step_end(self, state: TrainState) -> dict[str, float]:
-        out = {"candidates": float(self.step_cands), "kept": float(self.step_kept)}
-        self.step_cands = self.step_kept = 0
-        return out
 
     def on_train_end(self, state: TrainState, history: list[dict[str, float]]) -> dict[str, float]:
         if state.rank == 0:

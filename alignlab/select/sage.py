@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from alignlab.records import Pair, Selected, write_jsonl
+from alignlab.select import SelectorHooks, StepFilter
 from alignlab.select.curriculum import Curriculum, KeepSchedule, top_k
 from alignlab.train.callbacks import TrainerCallback, TrainState
 
@@ -139,7 +140,7 @@ def histogram(values: Sequence[float] | np.ndarray, edges: Sequence[float]) -> l
     return np.histogram(v, bins=np.asarray(edges))[0].tolist()
 
 
-class SageSelector:
+class SageSelector(SelectorHooks):
     """Top-``keep_ratio`` pairs by a SAGE score, optionally spread over difficulty by a curriculum."""
 
     def __init__(self, keep_ratio: float = 0.5, score: str = "stable", granularity: str = "step", beta: float = 0.1,
@@ -304,7 +305,7 @@ def _annotated(pairs: Sequence[Pair], kept: Sequence[int], scores: np.ndarray, m
 # ------------------------------------------------------------------------------ the in-step filter
 
 
-class SageStepFilter(TrainerCallback):
+class SageStepFilter(StepFilter):
     """Per-step SAGE as a trainer callback: score a candidate batch of ~B/keep_ratio pairs with the current policy,
     keep the top ceil(keep_ratio * n). Runs on every trainer: the scores come from ``state.token_logps`` (on the
     ranks under DeepSpeed, gathered so every rank keeps the same pairs).
@@ -435,11 +436,6 @@ class SageStepFilter(TrainerCallback):
                             "kept": j in keep_set,
                             "bucket": buckets[j] if buckets else None} for j, i in enumerate(idx)]
         return [idx[j] for j in kept]
-
-    def on_step_end(self, state: TrainState) -> dict[str, float]:
-        out = {"candidates": float(self.step_cands), "kept": float(self.step_kept)}
-        self.step_cands = self.step_kept = 0
-        return out
 
     def on_train_end(self, state: TrainState, history: list[dict[str, float]]) -> dict[str, float]:
         ls = np.log10(np.maximum(np.asarray(self.log["score"]), 1e-300))
