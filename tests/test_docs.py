@@ -103,3 +103,18 @@ def test_readme_make_run_table_is_the_recorded_quickstart_seed_0_run():
                                       "wall_s": float(r["wall_s"])}} for r in rows]}
     want = "\n".join(s.rstrip() for s in format_table(summary).splitlines())
     assert _readme_make_run_table() == want, f"README's make run table:\n{_readme_make_run_table()}\nrecorded:\n{want}"
+
+
+def test_every_path_the_architecture_page_names_exists():
+    """docs/architecture.md's file lists match the tree: each backticked repository path (``alignlab/...``,
+    ``conf/...``, ``tests/...``, ``docs/...``) exists, and every alignlab package and top-level module appears."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    named = set(re.findall(r"`((?:alignlab|conf|tests|docs)/[^`\s<>*]*)`", text))
+    assert len(named) > 30
+    missing = sorted(p for p in named if not (ROOT / p).exists())
+    assert not missing, f"docs/architecture.md names paths that do not exist: {missing}"
+    pkg = ROOT / "alignlab"
+    parts = {f"alignlab/{p.name}/" if p.is_dir() else f"alignlab/{p.name}" for p in pkg.iterdir()
+             if (p.is_dir() and (p / "__init__.py").exists()) or (p.suffix == ".py" and p.name != "__init__.py")}
+    unplaced = sorted(parts - named)
+    assert not unplaced, f"docs/architecture.md does not place these in a layer: {unplaced}"

@@ -113,3 +113,27 @@ def test_learning_rate_of_each_step_follows_warmup_then_cosine(tiny_dir, tmp_pat
             for s in range(T)]
     assert res.steps == T and applied == pytest.approx(want, rel=1e-9, abs=1e-15)
     assert [h["lr"] for h in res.history[:-1]] == pytest.approx(want[1:], rel=1e-9, abs=1e-15)  # logged: the next
+
+
+def test_the_train_job_crosses_to_the_ranks_as_json_and_comes_back_equal():
+    """``job.json`` holds the TrainJob as plain JSON (no pickle); a rank rebuilds the very settings from it."""
+    import dataclasses
+    import json
+
+    from alignlab.train.loop import TrainJob
+
+    job = TrainJob(lr=3e-4, epochs=1, grad_accum=2, max_steps=5, grad_stats=True,
+                   lora={"enabled": True, "r": 4, "target_modules": ["q_proj"]})
+    on_disk = json.loads(json.dumps({"mode": "train", "seed": 3, **dataclasses.asdict(job)}))
+    assert TrainJob.of(on_disk) == job and TrainJob.of(on_disk).lora.r == 4
+    with pytest.raises(ValueError, match="warmup_ratio"):
+        TrainJob(warmup_ratio=1.0)
+
+
+def test_both_trainers_run_one_step_loop():
+    """One DPO loop for trainer=torch and the DeepSpeed ranks: ``for step`` is written once in alignlab/train/, in
+    loop.py (the SFT warm start's plain causal-LM loop lives with the models)."""
+    from conftest import ROOT
+
+    hits = {p.relative_to(ROOT).as_posix(): p.read_text().count("for step") for p in (ROOT / "alignlab/train").glob("*.py")}
+    assert {f: n for f, n in hits.items() if n} == {"alignlab/train/loop.py": 1}

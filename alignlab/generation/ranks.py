@@ -22,6 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from alignlab.dist import die_with_parent, write_rank_error
 from alignlab.generation import Generator, Sample
 from alignlab.records import atomic_write_text
 from alignlab.spec import from_spec, packages_of, round_trip
@@ -90,8 +91,6 @@ def main(argv: list[str] | None = None) -> None:
     """One generation rank (started by the launcher with RANK / WORLD_SIZE / LOCAL_RANK set)."""
     args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
     work = Path(args[0])
-    from alignlab.train.ds_worker import die_with_parent
-
     die_with_parent()
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     try:
@@ -109,8 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         atomic_write_text(work / f"shard{rank}.json",
                           json.dumps({i: [asdict(s) for s in o] for i, o in enumerate(outs) if o}))
     except Exception as e:  # noqa: BLE001 - reported to the runner, which raises it
-        atomic_write_text(work / f"error.rank{rank}.json", json.dumps(
-            {"type": type(e).__name__, "message": str(e), "rank": rank, "traceback": traceback.format_exc()}))
+        write_rank_error(work, rank, e)
         traceback.print_exc()
         sys.stderr.flush()
         os._exit(1)

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from alignlab.records import Problem, Rollout
+from alignlab.records import Pair, Problem, Rollout
 from alignlab.verify.extract import extract_boxed
 
 log = logging.getLogger("alignlab")
@@ -245,31 +245,19 @@ def plain_prompt_logps(ctx: Any, cands: list[Candidate], batch_size: int = 32,
     Through the trainer's log-prob interface when the context has one (on its ranks under DeepSpeed; the
     trainer's ``max_length`` applies), else in this process.
     """
-    import torch
-
     from alignlab.models import load_model
-    from alignlab.train.batching import collate, encode, response_logps
+    from alignlab.train.core import encode_pairs, pair_logps
 
     tok = ctx.tokenizer
+    # one response per row: the "rejected" side is empty (its eos only), and its log-prob is not used
+    pairs = [Pair(c.problem.id, ctx.spec.render(tok, c.problem.prompt, c.problem.messages), c.refined.text, "")
+             for c in cands]
     if getattr(ctx, "logps", None) is not None:
-        from alignlab.records import Pair
-
-        # one response per row: the "rejected" side is empty (its eos only), and its log-prob is not used
-        res = ctx.logps(ctx.model_dir, [Pair(c.problem.id, ctx.spec.render(tok, c.problem.prompt, c.problem.messages), c.refined.text, "")
-                                        for c in cands])
+        res = ctx.logps(ctx.model_dir, pairs)
         return [float(x) for x in res["chosen"]], [int(x) for x in res["chosen_tokens"]]
-    enc = [encode(tok, ctx.spec.render(tok, c.problem.prompt, c.problem.messages), c.refined.text, max_length) for c in cands]
     model = load_model(ctx.model_dir, dtype=ctx.spec.torch_dtype).eval()
-    sums, counts = [0.0] * len(enc), [0] * len(enc)
-    order = sorted(range(len(enc)), key=lambda i: len(enc[i].ids))
-    with torch.inference_mode():
-        for b in range(0, len(order), batch_size):
-            idx = order[b: b + batch_size]
-            ids, attn, tmask = collate([enc[i] for i in idx], tok.pad_token_id)
-            lp, n = response_logps(model, ids, attn, tmask)
-            for k, i in enumerate(idx):
-                sums[i], counts[i] = float(lp[k]), int(n[k])
-    return sums, counts
+    rows = pair_logps(model, encode_pairs(tok, pairs, max_length), tok.pad_token_id, batch_size)
+    return [rows[i][0] for i in range(len(pairs))], [rows[i][2] for i in range(len(pairs))]
 
 
 def build_gates(gates: Iterable[Any] | Mapping[str, Any] | None) -> list[Gate]:

@@ -9,7 +9,7 @@ same batch plan and call the same events, so a callback written once works on bo
     on_batch(state, idx) -> idx     each global micro-batch of candidate pair indices; returns the pairs to train
     on_backward_end(state, idx)     after the micro-batch's backward (``state.grad_vector()`` is the accumulated
                                     gradient of the step so far, the same on every rank)
-    on_step_end(state) -> metrics   after clipping, before the optimiser step; metrics join the step's history
+    on_step_end(state) -> metrics   before the optimiser step (and its clipping); metrics join the history
     on_train_end(state, history) -> summary scalars for the round's ``train`` record
 
 ``state.token_logps(idx)`` gives per-token response log-probs of pairs under the *current* policy, computed where

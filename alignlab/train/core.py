@@ -1,15 +1,15 @@
-"""The training core every loop shares: batches, the pair forward, optimizer and schedule (checkpoints are written
-by :func:`alignlab.models.save_checkpoint`).
+"""The training core every loop shares: batches, the pair forward and log-probs, optimizer and schedule
+(checkpoints are written by :func:`alignlab.models.save_checkpoint`).
 
-``trainer=torch`` (:mod:`alignlab.train.torch_trainer`), the DeepSpeed ranks (:mod:`alignlab.train.ds_worker`) and
-the SFT warm start (:mod:`alignlab.sft_base`) each run their own loop (one process; ZeRO ranks; plain
-causal LM), but build their optimizer, schedule, forwards and checkpoints here, so the three cannot drift apart.
+The DPO loop of both trainers (:mod:`alignlab.train.loop`) and the SFT warm start (:mod:`alignlab.sft_base`)
+build their optimizer, schedule and forwards here, so they cannot drift apart.
 Per-token and summed response log-probs are :mod:`alignlab.train.batching`'s. (The two trainers' import lists name
 the same functions from here: that repeat is the point, not a copy of logic.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import resource
@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from alignlab.logging import progress
 from alignlab.records import Pair
 from alignlab.train.batching import Encoded, collate, encode, response_logps
 
@@ -65,6 +66,37 @@ def pair_forward(model, items: list[tuple[Encoded, Encoded]], pad_id: int,
     lp, n = response_logps(model, ids, attn, tmask)
     B = len(items)
     return lp[:B], lp[B:], n[:B], n[B:]
+
+
+@torch.no_grad()
+def pair_logps(model, enc: list[tuple[Encoded, Encoded]], pad_id: int, batch_size: int = 64, rank: int = 0,
+               world: int = 1, device: torch.device | str | None = None,
+               context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+               desc: str | None = None) -> dict[int, tuple[float, float, int, int]]:
+    """Summed chosen/rejected response log-probs and token counts of encoded pairs, by index, in length-sorted
+    batches (little padding): the reference, scoring, proximity and gate forwards. With ``(rank, world)``, this
+    rank's strided share only (the caller gathers); every rank runs the same number of forwards, as ZeRO-3 needs.
+    ``context``: around each forward (the trainer's autocast); ``desc``: a progress bar."""
+    order = sorted(range(len(enc)), key=lambda i: len(enc[i][0].ids) + len(enc[i][1].ids))
+    mine = order[rank::world]
+    batches = range(math.ceil(math.ceil(len(order) / world) / batch_size))
+    out: dict[int, tuple[float, float, int, int]] = {}
+    for b in progress(batches, desc=desc, unit="batch") if desc else batches:
+        idx = mine[b * batch_size: (b + 1) * batch_size]
+        with context():
+            c, r, nc, nr = pair_forward(model, [enc[i] for i in idx] or [enc[0]], pad_id, device)
+        for k, i in enumerate(idx):
+            out[i] = (float(c[k]), float(r[k]), int(nc[k]), int(nr[k]))
+    return out
+
+
+def logps_table(rows: dict[int, tuple[float, float, int, int]], enc: list[tuple[Encoded, Encoded]]) -> dict[str, Any]:
+    """:func:`pair_logps`'s rows (every index) as the trainers' ``logps`` answer, with ``forward_tokens`` (every
+    token through the model, prompts included)."""
+    out: dict[str, Any] = {name: [rows[i][j] for i in range(len(enc))]
+                           for j, name in enumerate(("chosen", "rejected", "chosen_tokens", "rejected_tokens"))}
+    out["forward_tokens"] = sum(len(c.ids) + len(r.ids) for c, r in enc)
+    return out
 
 
 def summarize(history: list[dict[str, float]]) -> dict[str, float]:

@@ -13,7 +13,6 @@ does, with ``resume=true``) continues from it. On CPU the ranks talk over gloo, 
 from __future__ import annotations
 
 import copy
-import ctypes
 import dataclasses
 import hashlib
 import json
@@ -30,17 +29,20 @@ from typing import Any
 
 from alignlab import preempt
 from alignlab.checks import read_hostfile, read_json_object, require_nvme_dir
+from alignlab.dist import launch_errors, pdeathsig, runner_env
 from alignlab.logging import RankBars, progress
 from alignlab.records import DiskFull, Pair, atomic_write_text
 from alignlab.spec import LAUNCH_ENV, PACKAGES_ENV, packages_of, round_trip
 from alignlab.train import NonFiniteLossError, TrainResult
 from alignlab.train.core import LoraSettings
+from alignlab.train.loop import TrainJob
 
 log = logging.getLogger("alignlab")
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 LAUNCHERS = ("torchrun", "deepspeed")
 STOP_GRACE_S = 20.0  # a stopped train stage's ranks get this long to save (SLURM's KillWait is 30 s by default)
 OPTIMIZERS = ("torch", "deepspeed")
+UNCOUNTED = ("threads", "log_every")  # job settings that change nothing the ranks compute (not in the fingerprint)
 
 # What conf/trainer/deepspeed_zero2.yaml spells out; "auto" values are filled from the trainer's knobs.
 DEFAULT_DS_CONFIG: dict[str, Any] = {
@@ -76,17 +78,16 @@ class DeepSpeedTrainer:
                  master_port: int | None = None, threads_per_rank: int = 0, keep_workdir: bool = False,
                  grad_stats: bool = False, deepspeed: dict[str, Any] | None = None,
                  max_steps: int | None = None, lora: LoraSettings | dict[str, Any] | None = None) -> None:
-        for k, v in {"lr": lr, "epochs": epochs, "micro_batch_size": 1 if micro_batch_size is None else micro_batch_size,
-                     "grad_accum": grad_accum,
-                     "max_length": max_length, "max_grad_norm": max_grad_norm}.items():
+        self.job = TrainJob(lr=lr, epochs=epochs, grad_accum=grad_accum, max_grad_norm=max_grad_norm,
+                            warmup_ratio=warmup_ratio, weight_decay=weight_decay, max_length=max_length,
+                            max_grad_norm_abort=max_grad_norm_abort, log_every=log_every, max_steps=max_steps,
+                            grad_stats=grad_stats, lora=LoraSettings.of(lora))  # LoRA: on every rank (load_policy)
+        for k, v in {"micro_batch_size": 1 if micro_batch_size is None else micro_batch_size,
+                     "max_grad_norm": max_grad_norm}.items():
             if v <= 0:
                 raise ValueError(f"{k} must be > 0, got {v}")
         if ranks is not None and ranks < 1:
             raise ValueError(f"ranks must be >= 1 (or null: all GPUs of the node, 1 on CPU), got {ranks}")
-        if not 0 <= warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
-        if max_steps is not None and int(max_steps) < 1:
-            raise ValueError(f"max_steps must be >= 1 or null, got {max_steps}")
         if checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0 (0 = never), got {checkpoint_every}")
         if threads_per_rank < 0:
@@ -111,21 +112,24 @@ class DeepSpeedTrainer:
                 raise ValueError(f"batch_size must be a positive multiple of the number of ranks ({n}), got "
                                  f"{batch_size}; or set batch_size=null and micro_batch_size (per rank)")
             micro_batch_size = batch_size // n
-        self.lr, self.epochs, self.micro_batch_size, self.grad_accum = lr, epochs, micro_batch_size, grad_accum
-        self.max_grad_norm, self.warmup_ratio, self.weight_decay = max_grad_norm, warmup_ratio, weight_decay
-        self.max_length, self.max_grad_norm_abort, self.log_every = max_length, max_grad_norm_abort, log_every
+        self.micro_batch_size = micro_batch_size
         self.gradient_checkpointing, self.optimizer, self.checkpoint_every = gradient_checkpointing, optimizer, \
             checkpoint_every
         self.launcher, self.master_port = launcher, master_port
         self.threads_per_rank, self.keep_workdir = threads_per_rank, keep_workdir
-        self.max_steps = None if max_steps is None else int(max_steps)  # a step budget, as trainer=torch's
-        self.lora = LoraSettings.of(lora)  # trainer=torch's LoRA, applied on every rank (ds_worker.load_policy)
         self.ds_config = self._resolve(deepspeed)
         # per-micro-batch gradients need full weights on every rank: with ZeRO-3 the diagnostic is skipped (warned)
-        self.grad_stats = grad_stats and self.zero_stage < 3
-        if grad_stats and not self.grad_stats:
+        self.job.grad_stats = grad_stats and self.zero_stage < 3
+        if grad_stats and not self.job.grad_stats:
             log.warning("trainer.grad_stats=true is ignored with ZeRO-3 (weights are partitioned, so a micro-batch's "
                         "gradient is not at hand); use ZeRO-2 or trainer=torch for gradient statistics")
+
+    def __getattr__(self, name: str) -> Any:
+        """Settings read as attributes (``trainer.lr``) are the :class:`TrainJob`'s."""
+        job = self.__dict__.get("job")
+        if job is None or name not in job.__dataclass_fields__:
+            raise AttributeError(name)
+        return getattr(job, name)
 
     # -- configuration -------------------------------------------------------------------------------------
     def _resolve(self, user: Any) -> dict[str, Any]:
@@ -217,7 +221,6 @@ class DeepSpeedTrainer:
         job = self._job("train", policy_dir, out, seed)
         job["loss"] = round_trip(loss, "loss")
         job["callbacks"] = [round_trip(c, f"callbacks[{i}]") for i, c in enumerate(callbacks or [])]
-        job["lora"] = dataclasses.asdict(self.lora)
         fingerprint = _fingerprint(job, pairs, ref_logps)
         self._prepare(work, job, fingerprint, pairs, ref_logps)
         seen = 0
@@ -286,15 +289,14 @@ class DeepSpeedTrainer:
 
     # -- internals -----------------------------------------------------------------------------------------
     def _job(self, mode: str, policy_dir: str | Path, out: Path, seed: int) -> dict[str, Any]:
+        """``job.json``: the :class:`TrainJob` (``dataclasses.asdict``; the rank rebuilds it with ``TrainJob.of``),
+        the run, and what only the ranks' launch and DeepSpeed need."""
         from alignlab.models import resolve_path
 
         return {"mode": mode, "policy_dir": str(resolve_path(str(policy_dir)).resolve()), "out_dir": str(out),
-                "seed": int(seed), "lr": self.lr, "epochs": self.epochs, "micro_batch_size": self.micro_batch_size,
-                "grad_accum": self.grad_accum, "max_length": self.max_length, "warmup_ratio": self.warmup_ratio,
-                "weight_decay": self.weight_decay, "max_grad_norm_abort": self.max_grad_norm_abort,
+                "seed": int(seed), **dataclasses.asdict(self.job), "micro_batch_size": self.micro_batch_size,
                 "gradient_checkpointing": self.gradient_checkpointing, "optimizer": self.optimizer,
-                "checkpoint_every": self.checkpoint_every, "threads": self._threads(), "grad_stats": self.grad_stats,
-                "max_steps": self.max_steps, "ds_config": self.ds_config}
+                "checkpoint_every": self.checkpoint_every, "threads": self._threads(), "ds_config": self.ds_config}
 
     def _threads(self) -> int:
         if self.threads_per_rank:
@@ -331,19 +333,17 @@ class DeepSpeedTrainer:
     def _launch(self, work: Path, on_progress, module: str = "alignlab.train.ds_worker",
                 packages: list[str] | None = None) -> None:
         cmd = self.launch_command(work, module)
-        import socket
-
         launch = uuid.uuid4().hex
         env = {**os.environ, "OMP_NUM_THREADS": str(self._threads()), "TOKENIZERS_PARALLELISM": "false",
                LAUNCH_ENV: launch,
                PACKAGES_ENV: ",".join(packages or []),
-               "ALIGNLAB_RUNNER_PID": str(os.getpid()), "ALIGNLAB_RUNNER_HOST": socket.gethostname(),
+               **runner_env(),
                "PYTHONPATH": os.pathsep.join([str(PACKAGE_PARENT), *filter(None, [os.environ.get("PYTHONPATH")])])}
         log.info("trainer: launching %d rank(s): %s", self.world_size(), " ".join(cmd))
         logf = open(work / "launcher.log", "ab")
         try:
             proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=str(work),
-                                    preexec_fn=_die_with_parent)
+                                    preexec_fn=pdeathsig)
             bars = RankBars(work / "launcher.log")  # rank 0's progress bars, on this console
             asked = 0.0
             try:
@@ -374,9 +374,7 @@ class DeepSpeedTrainer:
         if errors:
             err = errors[0]
             if err["type"] == "NonFiniteLossError":
-                raise NonFiniteLossError(
-                    f"{err['message']}. The round was stopped before saving; the previous checkpoint is intact. "
-                    f"Lower trainer.lr or loss.beta, then rerun with resume=true.")
+                raise NonFiniteLossError(err["message"])  # the loop's message, as trainer=torch raises it
             raise RuntimeError(f"DeepSpeed rank {err['rank']} failed: {err['type']}: {err['message']}\n"
                                f"{err['traceback']}\n(log: {work / 'launcher.log'})")
         if proc.returncode != 0:
@@ -396,27 +394,6 @@ class DeepSpeedTrainer:
 def out_of_space(path: Path, below: int = 1 << 20) -> bool:
     """Less than ``below`` bytes (1 MiB) free where ``path`` lives: a rank that failed there failed for space."""
     return shutil.disk_usage(path).free < below
-
-
-def launch_errors(work: Path, launch: str) -> list[dict[str, Any]]:
-    """The ranks' error reports of this launch only: a rank of a killed earlier launch can outlive the kill by a
-    second or two (its collective fails when its peer dies) and write its report after the resumed launch began."""
-    out = []
-    for path in sorted(work.glob("error.rank*.json")):
-        try:
-            err = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if err.get("launch") == launch:
-            out.append(err)
-    return out
-
-
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def _stop(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
@@ -463,7 +440,7 @@ def _pairs_hash(pairs: list[Pair]) -> str:
 def _fingerprint(job: dict[str, Any], pairs: list[Pair], ref_logps: dict[str, list[float]]) -> str:
     """Identity of a training job (its loss and callbacks specs included): a DeepSpeed checkpoint is resumed only
     by the job that wrote it."""
-    h = hashlib.sha1(json.dumps({k: v for k, v in job.items() if k != "threads"}, sort_keys=True).encode())
+    h = hashlib.sha1(json.dumps({k: v for k, v in job.items() if k not in UNCOUNTED}, sort_keys=True).encode())
     h.update(_pairs_hash(pairs).encode())
     h.update(json.dumps([ref_logps["chosen"], ref_logps["rejected"]]).encode())
     d = Path(job["policy_dir"])

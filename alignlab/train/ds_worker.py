@@ -1,22 +1,21 @@
 """One DeepSpeed rank: ``python -m torch.distributed.run --nproc_per_node=R -m alignlab.train.ds_worker <workdir>``.
 
 Launched by :class:`alignlab.train.deepspeed_trainer.DeepSpeedTrainer`, which writes ``<workdir>/job.json``
-(settings, the resolved DeepSpeed config, and the loss and callbacks as JSON specs: :mod:`alignlab.spec`),
-``pairs.jsonl`` and ``ref_logps.json``. Nothing crossing to the ranks is a pickle. Every rank
-builds the same batch plan as ``TorchTrainer`` (same seed, same ``length_buckets``) and takes a strided shard of
-each global micro-batch, so per-step losses match the single-process reference. Rank 0 appends each step to
+(the :class:`alignlab.train.loop.TrainJob`, the resolved DeepSpeed config, and the loss and callbacks as JSON
+specs: :mod:`alignlab.spec`), ``pairs.jsonl`` and ``ref_logps.json``. Nothing crossing to the ranks is a pickle.
+This module is the rank's launch and its :class:`DeepSpeedEngine`; the step loop is trainer=torch's own
+(:func:`alignlab.train.loop.train_loop`): the same batch plan, and each rank takes a strided shard of each global
+micro-batch, so per-step losses match the single-process reference. Rank 0 appends each step to
 ``history.jsonl`` and writes ``result.json`` (or ``error.json``); a DeepSpeed checkpoint in ``ds_ckpt/`` every
 ``checkpoint_every`` steps lets a killed run resume where it stopped.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import os
 import shutil
-import signal
 import sys
 import time
 import traceback
@@ -31,26 +30,26 @@ from deepspeed.utils.tensor_fragment import fragment_address
 
 from alignlab import preempt, statejson
 from alignlab._compat import skip_cpu_shm_allreduce, zero3_full_state_dict
+from alignlab.dist import die_with_parent, write_rank_error
 from alignlab.losses import PairLogps
 from alignlab.models import load_model, load_tokenizer, resolve_path, save_checkpoint
-from alignlab.records import Pair, atomic_write_text, is_disk_full
-from alignlab.spec import LAUNCH_ENV, from_spec
-from alignlab.train import NonFiniteLossError
+from alignlab.records import Pair, atomic_write_text
+from alignlab.spec import from_spec
 from alignlab.train.batching import collate, token_logps, token_logps_of
-from alignlab.train.callbacks import CallbackList, GradStats, TrainState, write_step_log
+from alignlab.train.callbacks import CallbackList, TrainState
 from alignlab.train.core import (
     LoraSettings,
     apply_lora,
-    batch_plan,
     build_optimizer,
     build_schedule,
     encode_pairs,
-    epoch_of,
+    logps_table,
     pair_forward,
+    pair_logps,
     peak_rss_mib,
-    summarize,
     trainable_params,
 )
+from alignlab.train.loop import TrainJob, train_loop
 
 T0 = time.time()
 COMPLETE = "complete"  # names the newest DeepSpeed checkpoint all ranks have finished writing
@@ -59,33 +58,6 @@ COMPLETE = "complete"  # names the newest DeepSpeed checkpoint all ranks have fi
 # plain data (an enum value, a dataclass, the static loss scaler's numbers), never by running code of the file's choice.
 DS_SAFE_GLOBALS: list[Any] = [LossScaler, ZeroStageEnum, fragment_address]
 CLIENT_STATE = "alignlab_state.json"  # alignlab's resume state, beside DeepSpeed's files in the tag directory
-
-
-def die_with_parent() -> None:
-    """A killed run must leave no orphan ranks: SIGTERM when the launcher dies (Linux), and, on the runner's
-    host, exit when the runner itself is gone (the deepspeed launcher is two processes deep)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    import socket
-    import threading
-
-    pid = int(os.environ.get("ALIGNLAB_RUNNER_PID", "0"))
-    if not pid or os.environ.get("ALIGNLAB_RUNNER_HOST") != socket.gethostname():
-        return
-
-    def watch() -> None:
-        while True:
-            time.sleep(2.0)
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                os._exit(1)
-            except PermissionError:
-                pass
-
-    threading.Thread(target=watch, daemon=True, name="runner-watch").start()
 
 
 def read_pairs(path: Path) -> list[Pair]:
@@ -104,10 +76,11 @@ def shard(batch: list[int], rank: int, world: int) -> list[int]:
 
 
 def metric_keys(loss) -> list[str]:
-    """The loss's metric names, from a one-pair dry call, so every rank all-reduces the same vector."""
+    """The loss's metric names, in its order (as trainer=torch records them), from a one-pair dry call, so every
+    rank all-reduces the same vector."""
     z = torch.zeros(1)
     _, metrics = loss(PairLogps(z, z, z, z, torch.ones(1), torch.ones(1)))
-    return ["loss", *sorted(metrics)]
+    return list(dict.fromkeys(["loss", *metrics]))
 
 
 class SafeCheckpointEngine(TorchCheckpointEngine):
@@ -157,7 +130,7 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return tag if tag and (ckpt_dir / tag).is_dir() else None
 
 
-def load_policy(job: dict[str, Any], ds_config: dict[str, Any], dtype: torch.dtype, lora: LoraSettings | None = None):
+def load_policy(policy_dir: str, ds_config: dict[str, Any], dtype: torch.dtype, lora: LoraSettings | None = None):
     """From the HF directory; under ZeRO-3, ``HfDeepSpeedConfig`` makes ``from_pretrained`` load partitioned.
     ``lora`` (enabled): wrapped with fresh adapters as trainer=torch wraps it (:func:`apply_lora`, base frozen)."""
     from transformers import AutoModelForCausalLM
@@ -167,12 +140,10 @@ def load_policy(job: dict[str, Any], ds_config: dict[str, Any], dtype: torch.dty
         from transformers.integrations import HfDeepSpeedConfig
 
         keep = HfDeepSpeedConfig(ds_config)  # noqa: F841 - must stay alive during from_pretrained
-    model = AutoModelForCausalLM.from_pretrained(str(resolve_path(job["policy_dir"])), dtype=dtype,
+    model = AutoModelForCausalLM.from_pretrained(str(resolve_path(policy_dir)), dtype=dtype,
                                                  use_safetensors=True)
     del keep
     return apply_lora(model, lora) if lora is not None and lora.enabled else model
-
-
 
 
 def note(rank: int, msg: str) -> None:
@@ -196,12 +167,173 @@ def rank_setup(job: dict[str, Any]) -> tuple[int, int, torch.device, dict[str, A
             bool(ds_config.get("bf16", {}).get("enabled", False)))
 
 
+class DeepSpeedEngine:
+    """The loop's engine on one ZeRO rank: a strided shard of each global micro-batch, DeepSpeed's backward and step
+    (gradient averaging, clipping, accumulation), ZeRO checkpoints to resume from, and the history file."""
+
+    metric_dtype, show_progress = torch.float64, False
+
+    def __init__(self, work: Path, job: dict[str, Any], train: TrainJob, model, tok, enc: list, loss,
+                 ref: dict[str, Any], rank: int, world: int, device: torch.device, ds_config: dict[str, Any]) -> None:
+        self.work, self.job, self.train, self.model, self.tok, self.enc, self.loss = work, job, train, model, tok, \
+            enc, loss
+        self.rank, self.world, self.device, self.ds_config = rank, world, device, ds_config
+        self.micro, self.ga = job["micro_batch_size"], train.grad_accum
+        self.batch_size = self.micro * world
+        self.keys = metric_keys(loss)
+        self.ref_c = torch.tensor(ref["chosen"], dtype=torch.float32, device=device)
+        self.ref_r = torch.tensor(ref["rejected"], dtype=torch.float32, device=device)
+        self.n_trainable = trainable_params(model)  # before ZeRO-3 partitions them
+        self.ckpt_dir, self.resumed_from = work / "ds_ckpt", None
+
+    def setup(self, total_steps: int, warmup: int) -> None:
+        import deepspeed
+
+        def schedule(opt):
+            return build_schedule(opt, warmup, total_steps)
+
+        params = [p for p in self.model.parameters() if p.requires_grad]  # all of them, or LoRA's adapters
+        if self.job["optimizer"] == "torch":
+            opt = build_optimizer(params, self.train.lr, self.train.weight_decay)
+            self.engine, _, _, self.sched = deepspeed.initialize(model=self.model, optimizer=opt,
+                                                                 lr_scheduler=schedule, config=self.ds_config)
+        else:
+            self.engine, _, _, self.sched = deepspeed.initialize(model=self.model, model_parameters=params,
+                                                                 lr_scheduler=schedule, config=self.ds_config)
+        self.engine.train()
+        # ZeRO reduces and partitions gradients inside backward; for gradient statistics each micro-batch's gradient
+        # is also taken with autograd.grad (one more backward) and summed over the ranks: the step's accumulated
+        # gradient so far, as TorchTrainer's p.grad. Needs full weights on every rank (ZeRO-0/1/2).
+        self.named = {k: p for k, p in self.engine.module.named_parameters() if p.requires_grad}
+        self.acc_grad = self._zero_grad_vector()
+        note(self.rank, f"DeepSpeed engine ready (ZeRO-{self.engine.zero_optimization_stage()}); {total_steps} steps "
+                        f"of {self.batch_size}+ drawn pairs per global micro-batch")
+
+    def _zero_grad_vector(self) -> torch.Tensor | None:
+        n = sum(p.numel() for p in self.named.values())
+        return torch.zeros(n, device=self.device) if self.train.grad_stats else None
+
+    def shard(self, batch: list[int]) -> list[int]:
+        return shard(batch, self.rank, self.world)
+
+    def forward(self, items: list) -> tuple[torch.Tensor, ...]:
+        return pair_forward(self.engine, items, self.tok.pad_token_id, self.device)
+
+    def backward(self, loss_sum: torch.Tensor, n_pairs: int, idx: list[int]) -> None:
+        micro_grad = None
+        if self.acc_grad is not None:
+            ix = torch.tensor(idx, device=self.device)
+            micro_grad = micro_batch_grad(self.engine.module, self.named, [self.enc[i] for i in idx],
+                                          self.tok.pad_token_id, self.device, self.loss, self.ref_c[ix],
+                                          self.ref_r[ix], n_pairs)
+        # DeepSpeed divides by gas and averages over ranks: undo both so the step's gradient is
+        # sum(per-pair loss) / pairs-in-step, exactly as TorchTrainer.
+        self.engine.backward(loss_sum * (self.world * self.ga / n_pairs))
+        self._micro_done(micro_grad)
+
+    def idle(self) -> None:
+        pc, pr, _, _ = pair_forward(self.engine, [self.enc[0]], self.tok.pad_token_id, self.device)
+        self.engine.backward((pc.sum() + pr.sum()) * 0.0)  # a zero-weight one: ZeRO's collectives
+        self._micro_done(None if self.acc_grad is None else torch.zeros_like(self.acc_grad))
+
+    def _micro_done(self, micro_grad: torch.Tensor | None) -> None:
+        import torch.distributed as dist
+
+        if micro_grad is not None:
+            dist.all_reduce(micro_grad)  # this global micro-batch's gradient (every rank, same collectives)
+            self.acc_grad = self.acc_grad + micro_grad
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()  # DeepSpeed counts micro-batches in step(); the update waits for the last one
+
+    def all_reduce(self, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        import torch.distributed as dist
+
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        vec = torch.stack([sums.get(k, zero).to(self.device) for k in self.keys])
+        dist.all_reduce(vec)
+        return dict(zip(self.keys, vec))
+
+    def step(self, n_pairs: int) -> float:
+        if not n_pairs:  # no gradient: no optimiser update (as AdamW without .grad); the schedule still advances
+            self.sched.step()
+            return 0.0
+        self.engine.step()
+        self.acc_grad = self._zero_grad_vector()
+        gnorm = self.engine.get_global_grad_norm()
+        return float(gnorm) if gnorm is not None else float("nan")
+
+    def lr(self) -> float:
+        return self.sched.get_last_lr()[0]
+
+    def token_logps(self, idx) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return gathered_token_logps(self.engine, self.enc, list(idx), self.tok.pad_token_id, self.micro, self.rank,
+                                    self.world)
+
+    def grad_vector(self) -> torch.Tensor:
+        return self.acc_grad
+
+    def resume(self, cbs: CallbackList, state: TrainState) -> tuple[int, list[dict[str, float]], dict[str, int]]:
+        start, history, totals = 0, [], {}
+        tag = latest_tag(self.ckpt_dir)
+        if tag is not None:
+            client = load_ds_checkpoint(self.engine, self.ckpt_dir, tag)
+            start, history, totals = int(client["step"]), list(client["history"]), client.get("totals", {})
+            torch.set_rng_state(client["torch_rng"])
+            for c, st in zip(cbs.callbacks, client.get("callbacks", [])):
+                c.__dict__.update(st)
+            state.log = client.get("callback_log", state.log)
+            self.resumed_from = start
+            note(self.rank, f"resumed from DeepSpeed checkpoint {self.ckpt_dir / tag} at step {start}")
+        if self.rank == 0:
+            atomic_write_text(self.work / "history.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+        return start, history, totals
+
+    def end_step(self, step: int, total_steps: int, history: list[dict[str, float]], totals: dict[str, int],
+                 cbs: CallbackList, state: TrainState) -> bool:
+        import torch.distributed as dist
+
+        if self.rank == 0:
+            with open(self.work / "history.jsonl", "a") as f:
+                f.write(json.dumps(history[-1]) + "\n")
+        every, last = self.job["checkpoint_every"], step + 1 >= total_steps
+        stop = stop_requested(self.work, self.device)
+        if (stop or every and (step + 1) % every == 0) and not last:
+            save_ds_checkpoint(self.engine, self.ckpt_dir, step + 1, history, self.rank, cbs, state, totals)
+        if stop and not last:
+            if self.rank == 0:
+                atomic_write_text(self.work / preempt.PREEMPTED_FILE, json.dumps({"step": step + 1}))
+            note(self.rank, f"stop requested: saved a DeepSpeed checkpoint at step {step + 1}; stopping")
+            dist.barrier()
+            return True
+        return False
+
+    def save(self, out: Path) -> None:
+        note(self.rank, "training done; saving the Hugging Face checkpoint")
+        sd = zero3_full_state_dict(self.engine) if self.zero_stage == 3 else None  # collective; full on rank 0
+        if self.rank == 0:
+            module, lora = self.engine.module, self.train.lora
+            if sd is not None and lora.enabled:  # partitioned adapters cannot merge in place: rebuild them whole
+                module = apply_lora(load_model(self.job["policy_dir"]), lora)
+                module.load_state_dict(sd)
+                sd = None
+            save_checkpoint(module, self.tok, out, state_dict=sd, source_dir=self.job["policy_dir"])  # LoRA: merged
+
+    @property
+    def zero_stage(self) -> int:
+        return self.engine.zero_optimization_stage()
+
+    def summary(self) -> dict[str, Any]:
+        out = {"ranks": self.world, "zero_stage": self.zero_stage, "trainable_params": self.n_trainable,
+               "peak_rss_mib": peak_rss_mib()}
+        return out if self.resumed_from is None else {**out, "resumed_from_step": self.resumed_from}
+
+
 def run_train(work: Path, job: dict[str, Any]) -> None:
-    import deepspeed
+    """One rank's round: the policy, its :class:`DeepSpeedEngine`, :func:`train_loop`; rank 0 writes ``result.json``."""
     import torch.distributed as dist
 
     rank, world, device, ds_config, bf16 = rank_setup(job)
-
+    train = TrainJob.of(job)
     torch.manual_seed(job["seed"])
     tok = load_tokenizer(job["policy_dir"])
     pairs = read_pairs(work / "pairs.jsonl")
@@ -209,181 +341,20 @@ def run_train(work: Path, job: dict[str, Any]) -> None:
     # rebuilt from their JSON specs (trusted packages only, alignlab.spec); a *.pkl in the work dir is never read
     loss = from_spec(job["loss"], f"{work / 'job.json'}: loss")
     callbacks = from_spec(job.get("callbacks", []), f"{work / 'job.json'}: callbacks")
-    enc = encode_pairs(tok, pairs, job["max_length"])
-    micro, ga = job["micro_batch_size"], job["grad_accum"]
-    keys = metric_keys(loss)
-
+    enc = encode_pairs(tok, pairs, train.max_length)
     note(rank, f"{world} ranks, {len(pairs)} pairs; loading the policy")
-    lora = LoraSettings.of(job.get("lora"))
-    model = load_policy(job, ds_config, torch.bfloat16 if bf16 else torch.float32, lora)
+    model = load_policy(job["policy_dir"], ds_config, torch.bfloat16 if bf16 else torch.float32, train.lora)
     if job["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    engine_box: list[Any] = []
-
-    def token_logps(idx) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return gathered_token_logps(engine_box[0], enc, list(idx), tok.pad_token_id, micro, rank, world)
-
-    # ZeRO reduces and partitions gradients inside backward; for gradient statistics each micro-batch's gradient
-    # is also taken with autograd.grad (one more backward) and summed over the ranks: the step's accumulated
-    # gradient so far, as TorchTrainer's p.grad. Needs full weights on every rank (ZeRO-0/1/2).
-    acc_grad: list[torch.Tensor] = []
-
-    def grad_vector() -> torch.Tensor:
-        return acc_grad[0]
-
-    grad_stats = bool(job.get("grad_stats"))
-    cbs = CallbackList([*callbacks, *([GradStats()] if grad_stats else [])])
-    state = TrainState(pairs=pairs, enc=enc, ref_logps=ref, round_dir=Path(job["out_dir"]).parent, seed=job["seed"],
-                       batch_size=micro * world, epochs=job["epochs"], token_logps=token_logps,
-                       grad_vector=grad_vector, rank=rank, world=world)
-    state.draw_size = cbs.draw_size(state.batch_size)
-    plan = batch_plan(enc, state.draw_size, job["epochs"], job["seed"])  # TorchTrainer's very plan
-    if job.get("max_steps") is not None:  # its first max_steps steps, as TorchTrainer; the schedule spans them
-        plan = plan[: int(job["max_steps"]) * ga]
-    total_steps = max(1, math.ceil(len(plan) / ga))
-    warm = int(job["warmup_ratio"] * total_steps)
-
-    def schedule(opt):
-        return build_schedule(opt, warm, total_steps)
-
-    params = [p for p in model.parameters() if p.requires_grad]  # all of them, or LoRA's adapters
-    n_trainable = trainable_params(model)  # before ZeRO-3 partitions them
-    if job["optimizer"] == "torch":
-        opt = build_optimizer(params, job["lr"], job["weight_decay"])
-        engine, _, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=schedule, config=ds_config)
-    else:
-        engine, _, _, sched = deepspeed.initialize(model=model, model_parameters=params,
-                                                   lr_scheduler=schedule, config=ds_config)
-    engine.train()
-    engine_box.append(engine)
-    named = {k: p for k, p in engine.module.named_parameters() if p.requires_grad}
-    n_params = sum(p.numel() for p in named.values())
-    note(rank, f"DeepSpeed engine ready (ZeRO-{engine.zero_optimization_stage()})")
-    note(rank, f"{total_steps} steps of {state.draw_size} drawn pairs per global micro-batch")
-    cbs.train_begin(state)  # before a DeepSpeed checkpoint is loaded: callbacks see the round's starting weights
-
-    ckpt_dir = work / "ds_ckpt"
-    history: list[dict[str, float]] = []
-    start_step, resumed_from, totals = 0, None, {}
-    tag = latest_tag(ckpt_dir)
-    if tag is not None:
-        client = load_ds_checkpoint(engine, ckpt_dir, tag)
-        start_step, history = int(client["step"]), list(client["history"])
-        totals = client.get("totals", {})
-        torch.set_rng_state(client["torch_rng"])
-        for c, st in zip(cbs.callbacks, client.get("callbacks", [])):
-            c.__dict__.update(st)
-        state.log = client.get("callback_log", state.log)
-        resumed_from = start_step
-        note(rank, f"resumed from DeepSpeed checkpoint {ckpt_dir / tag} at step {start_step}")
+    engine = DeepSpeedEngine(work, job, train, model, tok, enc, loss, ref, rank, world, device, ds_config)
+    res = train_loop(engine, train, pairs, enc, ref, loss, job["out_dir"], job["seed"], callbacks)
+    if res is None:  # stopped, with a checkpoint to resume from
+        return
     if rank == 0:
-        atomic_write_text(work / "history.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-
-    ref_c = torch.tensor(ref["chosen"], dtype=torch.float32, device=device)
-    ref_r = torch.tensor(ref["rejected"], dtype=torch.float32, device=device)
-    dummy = [enc[0]]
-    trained_pairs, trained_tokens = int(totals.get("pairs", 0)), int(totals.get("tokens", 0))
-    t0 = time.time()
-    for step in range(start_step, total_steps):
-        state.step = step
-        cbs.step_begin(state)
-        group = []
-        for m in range(step * ga, min(len(plan), (step + 1) * ga)):
-            state.epoch = epoch_of(m, len(enc), state.draw_size)
-            group.append(cbs.batch(state, plan[m]))
-        n_pairs = sum(len(b) for b in group)
-        sums = torch.zeros(len(keys), dtype=torch.float64, device=device)
-        step_tokens = 0
-        acc_grad[:] = [torch.zeros(n_params, device=device)] if grad_stats else []
-        if n_pairs == 0:  # a filter kept nothing this step (every rank sees the same n_pairs): no gradient, so, as
-            # TorchTrainer (AdamW skips parameters without .grad), no optimiser update, not even momentum or weight
-            # decay; the schedule still advances, and the step's record has no loss
-            vals_h = {"grad_norm": 0.0, **cbs.step_end(state)}
-            sched.step()
-        for m in range(ga if n_pairs else 0):
-            batch = group[m] if m < len(group) else []
-            idx = shard(batch, rank, world)
-            if idx:
-                pc, pr, nc, nr = pair_forward(engine, [enc[i] for i in idx], tok.pad_token_id, device)
-                ix = torch.tensor(idx, device=device)
-                losses, metrics = loss(PairLogps(pc, pr, ref_c[ix], ref_r[ix], nc, nr))
-                if grad_stats:
-                    micro_grad = micro_batch_grad(engine.module, named, [enc[i] for i in idx], tok.pad_token_id,
-                                                  device, loss, ref_c[ix], ref_r[ix], n_pairs)
-                # DeepSpeed divides by gas and averages over ranks: undo both so the step's gradient is
-                # sum(per-pair loss) / pairs-in-step, exactly as TorchTrainer.
-                engine.backward(losses.sum() * (world * ga / n_pairs))
-                vals = {"loss": losses.detach(), **metrics}
-                sums += torch.stack([vals[k].detach().double().sum() for k in keys])
-            else:  # ranks must run the same forwards/backwards (ZeRO collectives): a zero-weight one
-                pc, pr, _, _ = pair_forward(engine, dummy, tok.pad_token_id, device)
-                engine.backward((pc.sum() + pr.sum()) * 0.0)
-                micro_grad = torch.zeros(n_params, device=device) if grad_stats else None
-            if grad_stats:
-                dist.all_reduce(micro_grad)  # this global micro-batch's gradient (every rank, same collectives)
-                acc_grad[0] = acc_grad[0] + micro_grad
-            if batch:
-                cbs.backward_end(state, batch)
-                step_tokens += sum(len(enc[i][0].ids) + len(enc[i][1].ids) for i in batch)
-            if m == ga - 1:
-                dist.all_reduce(sums)
-                vals_h = {k: float(v) / max(1, n_pairs) for k, v in zip(keys, sums.tolist())}
-                if not math.isfinite(vals_h["loss"]):
-                    raise NonFiniteLossError(f"step {step}: loss={vals_h['loss']} (non-finite)")
-                extra_h = cbs.step_end(state)  # before the optimiser step, as in TorchTrainer
-            engine.step()
-        if n_pairs:
-            gnorm = engine.get_global_grad_norm()
-            vals_h["grad_norm"] = float(gnorm) if gnorm is not None else float("nan")
-            vals_h.update(extra_h)
-        if not math.isfinite(vals_h["grad_norm"]) or vals_h["grad_norm"] > job["max_grad_norm_abort"]:
-            raise NonFiniteLossError(
-                f"step {step}: loss={vals_h.get('loss')}, grad_norm={vals_h['grad_norm']} (non-finite or above "
-                f"trainer.max_grad_norm_abort={job['max_grad_norm_abort']})")
-        vals_h.update(step=step, lr=sched.get_last_lr()[0])
-        history.append(vals_h)
-        trained_pairs += n_pairs
-        trained_tokens += step_tokens
-        if rank == 0:
-            with open(work / "history.jsonl", "a") as f:
-                f.write(json.dumps(vals_h) + "\n")
-        every = job["checkpoint_every"]
-        stop = stop_requested(work, device)
-        if (stop or every and (step + 1) % every == 0) and step + 1 < total_steps:
-            save_ds_checkpoint(engine, ckpt_dir, step + 1, history, rank, cbs, state,
-                               {"pairs": trained_pairs, "tokens": trained_tokens})
-        if stop and step + 1 < total_steps:
-            if rank == 0:
-                atomic_write_text(work / preempt.PREEMPTED_FILE, json.dumps({"step": step + 1}))
-            note(rank, f"stop requested: saved a DeepSpeed checkpoint at step {step + 1}; stopping")
-            dist.barrier()
-            return
-
-    note(rank, "training done; saving the Hugging Face checkpoint")
-    out = Path(job["out_dir"])
-    extra = cbs.train_end(state, history)
-    write_step_log(state, history)
-    if engine.zero_optimization_stage() == 3:
-        sd = zero3_full_state_dict(engine)  # collective; full weights on rank 0 only
-    else:
-        sd = None
-    if rank == 0:
-        module = engine.module
-        if sd is not None and lora.enabled:  # partitioned adapters cannot merge in place: rebuild them whole
-            module = apply_lora(load_model(job["policy_dir"]), lora)
-            module.load_state_dict(sd)
-            sd = None
-        save_checkpoint(module, tok, out, state_dict=sd, source_dir=job["policy_dir"])  # LoRA: merged, as torch
-        summary = summarize(history)
-        summary.update(extra, trained_pairs=trained_pairs, pairs_per_epoch=trained_pairs / job["epochs"],
-                       train_seconds=time.time() - t0, ranks=world, zero_stage=engine.zero_optimization_stage(),
-                       trainable_params=n_trainable, peak_rss_mib=peak_rss_mib())
-        if resumed_from is not None:
-            summary["resumed_from_step"] = resumed_from
         atomic_write_text(work / "result.json", json.dumps(
-            {"steps": total_steps, "trained_tokens": trained_tokens, "history": history, "summary": summary}))
-    note(rank, f"saved {out}")
+            {"steps": res.steps, "trained_tokens": res.trained_tokens, "history": res.history, "summary": res.summary}))
+    note(rank, f"saved {job['out_dir']}")
     dist.barrier()
 
 
@@ -474,31 +445,17 @@ def run_logps(work: Path, job: dict[str, Any]) -> None:
     rank, world, device, ds_config, bf16 = rank_setup(job)
     tok = load_tokenizer(job["policy_dir"])
     enc = encode_pairs(tok, read_pairs(work / "pairs.jsonl"), job["max_length"])
-    model = load_policy(job, ds_config, torch.bfloat16 if bf16 else torch.float32)
+    model = load_policy(job["policy_dir"], ds_config, torch.bfloat16 if bf16 else torch.float32)
     if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
         engine = deepspeed.initialize(model=model, config=ds_config)[0]
         engine.eval()
     else:
         engine = model.to(device).eval()
-    order = sorted(range(len(enc)), key=lambda i: len(enc[i][0].ids) + len(enc[i][1].ids))
-    mine = shard(order, rank, world)
-    bs = job["micro_batch_size"]
-    n_batches = math.ceil(math.ceil(len(order) / world) / bs)  # the same on every rank (ZeRO-3 collectives)
-    got: dict[int, list[float]] = {}
-    for b in range(n_batches):
-        idx = mine[b * bs: (b + 1) * bs]
-        items = [enc[i] for i in idx] or [enc[0]]
-        c, r, nc, nr = pair_forward(engine, items, tok.pad_token_id, device)
-        for k, i in enumerate(idx):
-            got[i] = [float(c[k]), float(r[k]), int(nc[k]), int(nr[k])]
+    got = pair_logps(engine, enc, tok.pad_token_id, job["micro_batch_size"], rank, world, device)
     parts: list[Any] = [None] * world
     dist.all_gather_object(parts, got)
     if rank == 0:
-        merged = {i: v for p in parts for i, v in p.items()}
-        out: dict[str, Any] = {name: [merged[i][j] for i in range(len(enc))]
-                               for j, name in enumerate(("chosen", "rejected", "chosen_tokens", "rejected_tokens"))}
-        out["forward_tokens"] = sum(len(c.ids) + len(r.ids) for c, r in enc)
-        atomic_write_text(work / "logps.json", json.dumps(out))
+        atomic_write_text(work / "logps.json", json.dumps(logps_table({i: v for p in parts for i, v in p.items()}, enc)))
     dist.barrier()
 
 
@@ -520,12 +477,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         (run_train if job["mode"] == "train" else run_logps)(work, job)
     except Exception as e:  # noqa: BLE001 - report the first failing rank's error to the parent
-        err = {"type": type(e).__name__, "message": str(e), "rank": dist.get_rank(),
-               "launch": os.environ.get(LAUNCH_ENV),  # which launch: a killed one's orphan may still write here
-               "traceback": traceback.format_exc(), "disk_full": is_disk_full(e),
-               "filename": getattr(e, "filename", None)}
-        path = work / f"error.rank{dist.get_rank()}.json"
-        atomic_write_text(path, json.dumps(err))
+        write_rank_error(work, dist.get_rank(), e)
         traceback.print_exc()
         sys.stderr.flush()
         os._exit(1)  # no barrier: other ranks may be stuck in a collective; the launcher tears them down
