@@ -153,7 +153,7 @@ class GradStats(TrainerCallback):
         g = [m * (n / k) for m, k in zip(self.micro, self.sizes) if k]  # per-pair-mean gradient of each micro-batch
         out = {"grad_norm_micro": float(np.mean([sq_norm(x) ** 0.5 for x in g]))} if g else {}
         if len(g) > 1:
-            mean = sum(g) / len(g)
+            mean = sum(g[1:], g[0]) / len(g)
             var = sum(sq_norm(x - mean) for x in g) / (len(g) - 1)  # trace of the micro-batch gradient covariance
             out.update(grad_var_micro=var, grad_snr=sq_norm(mean) / max(var / len(g), 1e-30))
         self.prev, self.sizes, self.micro = None, [], []

@@ -170,7 +170,7 @@ class LoraSettings:
         """Settings from config (a mapping), as given, or off (None)."""
         if value is None:
             return cls()
-        if isinstance(value, cls):
+        if isinstance(value, LoraSettings):
             return value
         unknown = set(value) - set(cls.__dataclass_fields__)
         if unknown:
@@ -184,7 +184,8 @@ def apply_lora(model: torch.nn.Module, lora: LoraSettings) -> torch.nn.Module:
         import peft  # optional: `pip install 'alignlab[lora]'`
     except ImportError as e:
         raise ImportError("trainer.lora.enabled=true needs peft: pip install -c constraints.txt 'alignlab[lora]'") from e
-    cfg = peft.LoraConfig(r=int(lora.r), lora_alpha=float(lora.alpha), lora_dropout=float(lora.dropout),
+    cfg = peft.LoraConfig(r=int(lora.r), lora_alpha=float(lora.alpha),  # type: ignore[arg-type]  # int in peft's hints; used as a float scale
+                          lora_dropout=float(lora.dropout),
                           target_modules=lora.target_modules, bias="none", task_type="CAUSAL_LM")
     try:
         return peft.get_peft_model(model, cfg)

@@ -112,7 +112,8 @@ class DeepSpeedTrainer:
                 raise ValueError(f"batch_size must be a positive multiple of the number of ranks ({n}), got "
                                  f"{batch_size}; or set batch_size=null and micro_batch_size (per rank)")
             micro_batch_size = batch_size // n
-        self.micro_batch_size = micro_batch_size
+        assert micro_batch_size is not None  # one of the two was set (checked above)
+        self.micro_batch_size: int = micro_batch_size
         self.gradient_checkpointing, self.optimizer, self.checkpoint_every = gradient_checkpointing, optimizer, \
             checkpoint_every
         self.launcher, self.master_port = launcher, master_port

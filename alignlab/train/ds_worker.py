@@ -184,7 +184,8 @@ class DeepSpeedEngine:
         self.ref_c = torch.tensor(ref["chosen"], dtype=torch.float32, device=device)
         self.ref_r = torch.tensor(ref["rejected"], dtype=torch.float32, device=device)
         self.n_trainable = trainable_params(model)  # before ZeRO-3 partitions them
-        self.ckpt_dir, self.resumed_from = work / "ds_ckpt", None
+        self.ckpt_dir = work / "ds_ckpt"
+        self.resumed_from: int | None = None
 
     def setup(self, total_steps: int, warmup: int) -> None:
         import deepspeed
@@ -239,7 +240,7 @@ class DeepSpeedEngine:
     def _micro_done(self, micro_grad: torch.Tensor | None) -> None:
         import torch.distributed as dist
 
-        if micro_grad is not None:
+        if micro_grad is not None and self.acc_grad is not None:
             dist.all_reduce(micro_grad)  # this global micro-batch's gradient (every rank, same collectives)
             self.acc_grad = self.acc_grad + micro_grad
         if not self.engine.is_gradient_accumulation_boundary():
@@ -270,6 +271,7 @@ class DeepSpeedEngine:
                                     self.world)
 
     def grad_vector(self) -> torch.Tensor:
+        assert self.acc_grad is not None, "gradient statistics are off (trainer.grad_stats=false or ZeRO-3)"
         return self.acc_grad
 
     def resume(self, cbs: CallbackList, state: TrainState) -> tuple[int, list[dict[str, float]], dict[str, int]]:

@@ -105,7 +105,7 @@ class TorchEngine:
         return float(gnorm)
 
     def lr(self) -> float:
-        return self.sched.get_last_lr()[0]
+        return float(self.sched.get_last_lr()[0])
 
     def token_logps(self, idx) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-token log-probs of encoded pairs under the training model, at the trainer's precision."""
