@@ -163,11 +163,3 @@ class GradStats(TrainerCallback):
 def sq_norm(x: torch.Tensor) -> float:
     """Squared norm in float64 (a float32 sum over millions of entries drifts by ~1e-4)."""
     return float(x.double().pow(2).sum())
-
-
-def callbacks_for(trainer: Any, selector: Any) -> list[TrainerCallback]:
-    """The round's callbacks: the selector's in-step filter (if any), then gradient statistics if asked for."""
-    out = list(getattr(selector, "callbacks", lambda: [])())
-    if getattr(trainer, "grad_stats", False):
-        out.append(GradStats())
-    return out
