@@ -12,6 +12,8 @@ import itertools
 
 import numpy as np
 
+from alignlab.dynamics.axioms import condorcet_winner
+
 Array = np.ndarray
 
 
@@ -139,8 +141,6 @@ def dpo_optimum(P: Array, mu: Array, pref: Array, beta: float, dpo_scale: str = 
 
 def condorcet_sampler(P: Array) -> Array | None:
     """Point mass on the Condorcet winner c (if any): (P delta_c)_c = 1/2 > P_yc, so IPO ranks c first."""
-    from alignlab.dynamics.axioms import condorcet_winner
-
     c = condorcet_winner(P)
     if c is None:
         return None

@@ -18,7 +18,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from alignlab.models import load_model
 from alignlab.records import Pair, Problem, Rollout
+from alignlab.train.core import encode_pairs, pair_logps
 from alignlab.verify.extract import extract_boxed
 
 log = logging.getLogger("alignlab")
@@ -245,9 +247,6 @@ def plain_prompt_logps(ctx: Any, cands: list[Candidate], batch_size: int = 32,
     Through the trainer's log-prob interface when the context has one (on its ranks under DeepSpeed; the
     trainer's ``max_length`` applies), else in this process.
     """
-    from alignlab.models import load_model
-    from alignlab.train.core import encode_pairs, pair_logps
-
     tok = ctx.tokenizer
     # one response per row: the "rejected" side is empty (its eos only), and its log-prob is not used
     pairs = [Pair(c.problem.id, ctx.spec.render(tok, c.problem.prompt, c.problem.messages), c.refined.text, "")

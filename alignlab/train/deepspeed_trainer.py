@@ -30,7 +30,9 @@ from typing import Any
 from alignlab import preempt
 from alignlab.checks import read_hostfile, read_json_object, require_nvme_dir
 from alignlab.dist import launch_errors, pdeathsig, runner_env
+from alignlab.generation.ranks import RankGenerator, shardable
 from alignlab.logging import RankBars, progress
+from alignlab.models import resolve_path
 from alignlab.records import DiskFull, Pair, atomic_write_text
 from alignlab.spec import LAUNCH_ENV, PACKAGES_ENV, packages_of, round_trip
 from alignlab.train import NonFiniteLossError, TrainResult
@@ -278,8 +280,6 @@ class DeepSpeedTrainer:
     def generator(self, gen, workdir: str | Path):
         """Generation runs where the weights live: on this trainer's ranks when the generator can shard its
         batches (generation=hf), else in the runner's process (vLLM's own engines)."""
-        from alignlab.generation.ranks import RankGenerator, shardable
-
         return RankGenerator(gen, self, Path(workdir)) if shardable(gen) else gen
 
     def run_on_ranks(self, module: str, work: Path, on_progress=lambda: None, packages: list[str] | None = None) -> None:
@@ -292,8 +292,6 @@ class DeepSpeedTrainer:
     def _job(self, mode: str, policy_dir: str | Path, out: Path, seed: int) -> dict[str, Any]:
         """``job.json``: the :class:`TrainJob` (``dataclasses.asdict``; the rank rebuilds it with ``TrainJob.of``),
         the run, and what only the ranks' launch and DeepSpeed need."""
-        from alignlab.models import resolve_path
-
         return {"mode": mode, "policy_dir": str(resolve_path(str(policy_dir)).resolve()), "out_dir": str(out),
                 "seed": int(seed), **dataclasses.asdict(self.job), "micro_batch_size": self.micro_batch_size,
                 "gradient_checkpointing": self.gradient_checkpointing, "optimizer": self.optimizer,
