@@ -37,7 +37,7 @@ from alignlab.records import DiskFull, Pair, atomic_write_text
 from alignlab.spec import LAUNCH_ENV, PACKAGES_ENV, packages_of, round_trip
 from alignlab.train import NonFiniteLossError, TrainResult
 from alignlab.train.core import LoraSettings
-from alignlab.train.loop import TrainJob
+from alignlab.train.loop import JobSettings, TrainJob
 
 log = logging.getLogger("alignlab")
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]
@@ -68,7 +68,7 @@ def _auto(cfg: dict[str, Any], key: str, value: Any, knob: str) -> None:
         raise ValueError(f"deepspeed.{key}={cur} contradicts {knob}={value}; set one of them (use \"auto\")")
 
 
-class DeepSpeedTrainer:
+class DeepSpeedTrainer(JobSettings):
     """Data-parallel DPO-family training with DeepSpeed ZeRO-2/3, launched as a subprocess per round."""
 
     def __init__(self, lr: float = 1e-4, epochs: int = 2, micro_batch_size: int | None = None, grad_accum: int = 1,
@@ -126,13 +126,6 @@ class DeepSpeedTrainer:
         if grad_stats and not self.job.grad_stats:
             log.warning("trainer.grad_stats=true is ignored with ZeRO-3 (weights are partitioned, so a micro-batch's "
                         "gradient is not at hand); use ZeRO-2 or trainer=torch for gradient statistics")
-
-    def __getattr__(self, name: str) -> Any:
-        """Settings read as attributes (``trainer.lr``) are the :class:`TrainJob`'s."""
-        job = self.__dict__.get("job")
-        if job is None or name not in job.__dataclass_fields__:
-            raise AttributeError(name)
-        return getattr(job, name)
 
     # -- configuration -------------------------------------------------------------------------------------
     def _resolve(self, user: Any) -> dict[str, Any]:

@@ -62,6 +62,17 @@ class TrainJob:
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
+class JobSettings:
+    """For the trainers holding a ``job``: settings read as attributes (``trainer.lr``) are the :class:`TrainJob`'s
+    (how :mod:`alignlab.spec` and the callers read a trainer's knobs)."""
+
+    def __getattr__(self, name: str) -> Any:
+        job = self.__dict__.get("job")
+        if job is None or name not in job.__dataclass_fields__:
+            raise AttributeError(name)
+        return getattr(job, name)
+
+
 class TrainEngine(Protocol):
     """Where the weights live: the loop's only view of a process (torch) or of ZeRO ranks (DeepSpeed)."""
 

@@ -36,7 +36,7 @@ from alignlab.train.core import (
     peak_rss_mib,
     trainable_params,
 )
-from alignlab.train.loop import TrainJob, train_loop
+from alignlab.train.loop import JobSettings, TrainJob, train_loop
 
 DTYPES = ("float32", "bfloat16")
 
@@ -131,7 +131,7 @@ class TorchEngine:
                 "lora": int(self.job.lora.enabled)}
 
 
-class TorchTrainer:
+class TorchTrainer(JobSettings):
     """Plain PyTorch trainer; the reference for what the DeepSpeed trainer must reproduce. Settings read as
     attributes (``trainer.lr``) are its :class:`TrainJob`'s."""
 
@@ -151,12 +151,6 @@ class TorchTrainer:
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         autocast(self.device, dtype)  # validates dtype
         self.dtype, self.attn_implementation = dtype, attn_implementation
-
-    def __getattr__(self, name: str) -> Any:
-        job = self.__dict__.get("job")
-        if job is None or name not in job.__dataclass_fields__:
-            raise AttributeError(name)
-        return getattr(job, name)
 
     def world_size(self) -> int:
         """Processes that compute this trainer's forwards: one."""
