@@ -59,9 +59,18 @@ def token_logps(logits: Tensor, ids: Tensor) -> Tensor:
 
 
 def response_logps(model, ids: Tensor, attn: Tensor, tmask: Tensor) -> tuple[Tensor, Tensor]:
-    """Summed response log-probs (B,) and response token counts (B,)."""
-    logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
-    lp = token_logps(logits, ids) * tmask
+    """Summed response log-probs (B,) and response token counts (B,).
+
+    The LM head runs only from the first response position on (``logits_to_keep``) and the fp32 log-softmax only
+    at response tokens: on a 49k vocabulary these were most of a step's non-GEMM time, and prompt positions never
+    contribute. Profile and numbers: experiments/perf/README.md."""
+    first = int(tmask.any(0).nonzero()[0]) if bool(tmask.any()) else tmask.shape[1]
+    keep = tmask.shape[1] - first  # target columns first..T-2 are logits rows first..T-2
+    logits = model(input_ids=ids, attention_mask=attn, use_cache=False, logits_to_keep=keep + 1).logits
+    mask = tmask[:, first:]
+    rows = logits[:, :keep][mask].float()  # (response tokens, vocab)
+    picked = rows.gather(1, ids[:, first + 1:][mask].unsqueeze(1)).squeeze(1) - torch.logsumexp(rows, dim=-1)
+    lp = torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked)
     return lp.sum(-1), tmask.sum(-1)
 
 

@@ -53,15 +53,16 @@ def autocast(device: str, dtype: str) -> contextlib.AbstractContextManager:
 @torch.no_grad()
 def reference_logps(model_dir: str | Path, pairs: list[Pair], max_len: int = 1024, batch_size: int = 64,
                     dtype: torch.dtype = torch.float32, autocast_dtype: str = "float32",
-                    attn_implementation: str | None = None) -> dict[str, Any]:
+                    attn_implementation: str | None = None, device: str = "cpu") -> dict[str, Any]:
     """Summed log-probs of chosen and rejected under a (frozen) model in this process, and ``forward_tokens``
     (every token through the model, prompts included). ``trainer=torch``'s :meth:`TorchTrainer.logps`;
-    ``autocast_dtype``: the trainer's ``dtype``, so that reference and policy forwards match at step 0."""
-    model = load_model(model_dir, dtype=dtype, attn_implementation=attn_implementation).eval()
+    ``autocast_dtype``: the trainer's ``dtype``, so that reference and policy forwards match at step 0;
+    ``device``: the trainer's (a GPU's reference forwards run on it, not on the host)."""
+    model = load_model(model_dir, dtype=dtype, device=device, attn_implementation=attn_implementation).eval()
     tok = load_tokenizer(model_dir)
     enc = encode_pairs(tok, pairs, max_len)
-    rows = pair_logps(model, enc, tok.pad_token_id, batch_size, context=partial(autocast, "cpu", autocast_dtype),
-                      desc="reference log-probs")
+    rows = pair_logps(model, enc, tok.pad_token_id, batch_size, device=device,
+                      context=partial(autocast, device, autocast_dtype), desc="reference log-probs")
     return logps_table(rows, enc)
 
 
@@ -163,7 +164,7 @@ class TorchTrainer(JobSettings):
     def logps(self, model_dir: str | Path, pairs: list[Pair], workdir: str | Path | None = None) -> dict[str, Any]:
         """Summed chosen/rejected log-probs under ``model_dir`` (reference, scoring), in this process."""
         return reference_logps(model_dir, pairs, max_len=self.job.max_length, autocast_dtype=self.dtype,
-                               attn_implementation=self.attn_implementation)
+                               attn_implementation=self.attn_implementation, device=self.device)
 
     def train(self, policy_dir: str | Path, pairs: list[Pair], ref_logps: dict[str, list[float]], loss,
               out_dir: str | Path, seed: int, logger=None,

