@@ -54,7 +54,7 @@ from alignlab.train.torch_trainer import TorchTrainer, reference_logps  # noqa: 
 TINY = resolve_path("pkg://assets/tiny_arith")
 BATCH, MAX_LEN = 16, 256
 REPS = 3  # interleaved repetitions of each contender
-LOADS: list[tuple[str, float]] = []  # (where, 1-min load average), sampled between sections
+LOADS: list[tuple[str, float]] = []  # (where, 1-min load average), sampled at the start and after each section
 
 
 def sample_load(where: str) -> float:
@@ -525,7 +525,9 @@ def main() -> None:
                                      "loadavg_end": sample_load(name), "commit": _commit()}
         print(name, json.dumps(res, indent=1), flush=True)
         out_path.write_text(json.dumps(results, indent=1))  # each finished section is kept
-    results["load_average"] = {**spread([x for _, x in LOADS]), "samples": LOADS}
+    samples = [(f"{name} {k[8:]}", sec[k]) for name, sec in results["sections"].items()  # every section's, also
+               for k in ("loadavg_start", "loadavg_end")]                                   # those kept from before
+    results["load_average"] = {**spread([x for _, x in samples]), "samples": samples}
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     results["machine"] = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                           "torch": torch.__version__, "commit": _commit()}
