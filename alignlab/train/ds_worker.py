@@ -35,7 +35,7 @@ from alignlab.losses import PairLogps
 from alignlab.models import load_model, load_tokenizer, resolve_path, save_checkpoint
 from alignlab.records import Pair, atomic_write_text
 from alignlab.spec import from_spec
-from alignlab.train.batching import collate, token_logps, token_logps_of
+from alignlab.train.batching import collate, response_logps, token_logps_of
 from alignlab.train.callbacks import CallbackList, TrainState
 from alignlab.train.core import (
     LoraSettings,
@@ -382,9 +382,8 @@ def micro_batch_grad(module, named: dict[str, torch.Tensor], items: list, pad_id
     B = len(items)
 
     def objective(params: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = functional_call(module, params, (), {"input_ids": ids, "attention_mask": attn, "use_cache": False})
-        lp = (token_logps(logits.logits, ids) * tmask).sum(-1)
-        n = tmask.sum(-1)
+        # the training forward's response_logps, on the module called with ``params``
+        lp, n = response_logps(lambda **kw: functional_call(module, params, (), kw), ids, attn, tmask)
         losses, _ = loss(PairLogps(lp[:B], lp[B:], ref_c, ref_r, n[:B], n[B:]))
         return losses.sum() / n_pairs
 
