@@ -228,30 +228,43 @@ def bench_generation(n_prompts: int = 64, n: int = 4) -> dict:
             "ratio": ratio(runs["batched"], runs["per_prompt"]), "prompts": n_prompts, "n": n}
 
 
-def _smollm2_prompts(n_prompts: int) -> tuple[Path, list[str]]:
-    from alignlab.models.smollm2 import ensure_smollm2
-
-    d = ensure_smollm2()
-    tok, spec = load_tokenizer(d), ModelSpec(path=str(d))
-    return d, [spec.render(tok, p.text) for p in arith.generate(n_prompts, "train", seed=7)]
+def chat_prompts(model_dir: Path, n_prompts: int) -> list[str]:
+    """Arithmetic problems rendered in the model's chat template (the generation benches' prompts)."""
+    tok, spec = load_tokenizer(model_dir), ModelSpec(path=str(model_dir))
+    return [spec.render(tok, p.text) for p in arith.generate(n_prompts, "train", seed=7)]
 
 
-def bench_batched_generate(model, tok, prompts: list[str], n: int, max_new: int, cache: str | None) -> float:
-    """One HF ``generate`` call over all prompts (left-padded; ``cache``: None for the dynamic cache, "static"),
-    tokens up to and including the first stop."""
+def sync() -> None:
+    """Wait for queued GPU work, so that a wall-clock reading covers it (nothing to wait for on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def batched_generate(model, tok, prompts: list[str], n: int, max_new: int,
+                     cache: str | None = None) -> tuple[int, int, float]:
+    """One HF ``generate`` call over all prompts on the model's device (left-padded; ``cache``: None for the
+    dynamic cache, "static"): tokens up to and including each sample's first stop, samples, seconds."""
     from alignlab.generation import stop_token_ids
 
     stops = sorted(stop_token_ids(tok))
-    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     extra = {"cache_implementation": cache} if cache else {}
+    sync()
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(**enc, do_sample=True, temperature=1.0, top_p=1.0, max_new_tokens=max_new,
                              num_return_sequences=n, eos_token_id=stops, pad_token_id=tok.pad_token_id, **extra)
+    sync()
     dt = time.perf_counter() - t0
-    gen = out[:, enc["input_ids"].shape[1]:]
+    gen = out[:, enc["input_ids"].shape[1]:].cpu()
     is_stop = torch.isin(gen, torch.tensor(stops))
-    return int(torch.where(is_stop.any(1), is_stop.int().argmax(1) + 1, gen.shape[1]).sum()) / dt
+    lengths = torch.where(is_stop.any(1), is_stop.int().argmax(1) + 1, gen.shape[1])
+    return int(lengths.sum()), gen.shape[0], dt
+
+
+def batched_generate_rate(*args) -> float:
+    tokens, _, seconds = batched_generate(*args)
+    return tokens / seconds
 
 
 def bench_real_generation(n_prompts: int = 16, n: int = 4, max_new: int = 48) -> dict:
@@ -259,8 +272,10 @@ def bench_real_generation(n_prompts: int = 16, n: int = 4, max_new: int = 48) ->
     prompts, n and limit, interleaved; every model is loaded (vLLM's engine started) outside the timing."""
     from alignlab.generation.hf import HFGenerator
     from alignlab.generation.vllm import VLLMGenerator
+    from alignlab.models.smollm2 import ensure_smollm2
 
-    d, prompts = _smollm2_prompts(n_prompts)
+    d = ensure_smollm2()
+    prompts = chat_prompts(d, n_prompts)
     params = checkpoint_params(d)
     out: dict = {"model": "smollm2-135m-instruct", "params": params, "prompts": n_prompts, "n": n,
                  "max_new_tokens": max_new, "reps": REPS}
@@ -274,7 +289,7 @@ def bench_real_generation(n_prompts: int = 16, n: int = 4, max_new: int = 48) ->
         t0 = time.perf_counter()
         vg.generate(d, prompts[:1], 1, seed=0, greedy=True)  # engine start (+ one short request)
         start = time.perf_counter() - t0
-        bench_batched_generate(model, tok, prompts[:2], 1, 4, "static")  # warm-up of each path
+        batched_generate(model, tok, prompts[:2], 1, 4, "static")  # warm-up of each path
 
         def rate(gen) -> float:
             t0 = time.perf_counter()
@@ -282,8 +297,8 @@ def bench_real_generation(n_prompts: int = 16, n: int = 4, max_new: int = 48) ->
             return sum(s.tokens for o in outs for s in o) / (time.perf_counter() - t0)
 
         runs = interleaved({"alignlab": lambda: rate(hf),
-                            "generate_dynamic": lambda: bench_batched_generate(model, tok, prompts, n, max_new, None),
-                            "generate_static": lambda: bench_batched_generate(model, tok, prompts, n, max_new, "static"),
+                            "generate_dynamic": lambda: batched_generate_rate(model, tok, prompts, n, max_new, None),
+                            "generate_static": lambda: batched_generate_rate(model, tok, prompts, n, max_new, "static"),
                             "vllm": lambda: rate(vg)})
         vg.release()
         hf.release()

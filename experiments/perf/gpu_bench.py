@@ -39,12 +39,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from alignlab.data import arith  # noqa: E402
-from alignlab.generation import stop_token_ids  # noqa: E402
+from bench import batched_generate, chat_prompts, make_pairs, sync  # noqa: E402
+
 from alignlab.generation.hf import HFGenerator  # noqa: E402
 from alignlab.losses import DPOLoss  # noqa: E402
-from alignlab.models import ModelSpec, checkpoint_params, load_model, load_tokenizer  # noqa: E402
+from alignlab.models import checkpoint_params, load_model, load_tokenizer  # noqa: E402
 from alignlab.records import Pair  # noqa: E402
 from alignlab.train.callbacks import TrainerCallback, TrainState  # noqa: E402
 from alignlab.train.deepspeed_trainer import DeepSpeedTrainer  # noqa: E402
@@ -55,12 +56,6 @@ DRY = {"prompts": 4, "n": 2, "max_new": 8, "pairs": 2, "batch": 1, "max_len": 25
 H100_BF16_TFLOPS = 989.0  # H100/H200 SXM, dense bf16 (H100 PCIe: 756)
 
 
-def sync() -> None:
-    """Wait for queued GPU work, so that a wall-clock reading covers it."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def free_memory() -> None:
     """Drop the previous section's models before the next one (vLLM sizes its KV cache from free memory)."""
     gc.collect()
@@ -69,12 +64,8 @@ def free_memory() -> None:
 
 
 def prompts_and_pairs(d: Path, n_prompts: int, n_pairs: int) -> tuple[list[str], list[Pair]]:
-    """Chat-rendered arithmetic prompts (bench.py's _smollm2_prompts) and pairs (its make_pairs, SmolLM2 template)."""
-    tok, spec = load_tokenizer(d), ModelSpec(path=str(d))
-    prompts = [spec.render(tok, p.text) for p in arith.generate(n_prompts, "train", seed=7)]
-    pairs = [Pair(str(i), spec.render(tok, p.text), arith.solution(p), arith.solution(p, skip_last=True))
-             for i, p in enumerate(arith.generate(n_pairs, "train", seed=99))]
-    return prompts, pairs
+    """bench.py's chat prompts and arithmetic pairs, in ``d``'s chat template."""
+    return chat_prompts(d, n_prompts), make_pairs(n_pairs, d)
 
 
 def dump(res: dict[str, Any], out: Path) -> None:
@@ -104,26 +95,14 @@ def gen_alignlab(d: Path, prompts: list[str], n: int, max_new: int, device: str)
 
 
 def gen_hf_generate(d: Path, prompts: list[str], n: int, max_new: int, device: str) -> dict[str, Any]:
-    """One ``model.generate`` over all prompts (bench.py's bench_batched_generate, on ``device``); tokens are
-    counted up to and including each sample's first stop token."""
+    """One ``model.generate`` over all prompts on ``device`` (bench.py's batched_generate, dynamic cache)."""
     tok = load_tokenizer(d)
     tok.padding_side = "left"
-    stops = sorted(stop_token_ids(tok))
     model = load_model(d, dtype=torch.bfloat16, device=device).eval()
-    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    kw = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "eos_token_id": stops, "pad_token_id": tok.pad_token_id}
     torch.manual_seed(0)
-    with torch.inference_mode():
-        model.generate(**tok(prompts[:1], return_tensors="pt").to(device), max_new_tokens=4, **kw)  # warm-up
-        sync()
-        t0 = time.perf_counter()
-        out = model.generate(**enc, max_new_tokens=max_new, num_return_sequences=n, **kw)
-        sync()
-        dt = time.perf_counter() - t0
-    gen = out[:, enc["input_ids"].shape[1]:].cpu()
-    is_stop = torch.isin(gen, torch.tensor(stops))
-    lengths = torch.where(is_stop.any(1), is_stop.int().argmax(1) + 1, gen.shape[1])
-    return rate(int(lengths.sum()), dt, samples=gen.shape[0], mean_tokens=float(lengths.float().mean()))
+    batched_generate(model, tok, prompts[:1], 1, 4)  # warm-up
+    tokens, samples, dt = batched_generate(model, tok, prompts, n, max_new)
+    return rate(tokens, dt, samples=samples, mean_tokens=tokens / samples)
 
 
 def gen_vllm(d: Path, prompts: list[str], n: int, max_new: int) -> dict[str, Any]:
