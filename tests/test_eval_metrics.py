@@ -105,9 +105,18 @@ def test_sampling_knobs_are_checked(bad, match):
 
 @pytest.mark.slow
 def test_alignlab_eval_with_samples_writes_per_benchmark_metrics_and_sample_logs(tmp_path):
-    out = tmp_path / "ev"
+    """Three rows per benchmark in each upstream schema (GSM8K's ``#### answer``, AMC23's numeric answer), written
+    here so that the test does not depend on ../shared/data beside the clone."""
+    root, out = tmp_path / "benchmarks", tmp_path / "ev"
+    rows = {"gsm8k": [{"question": f"What is {a} + {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"}
+                      for a, b in ((2, 3), (10, 7), (41, 1))],
+            "amc23": [{"id": i, "problem": f"What is {a} times {b}?", "answer": float(a * b), "url": ""}
+                      for i, (a, b) in enumerate(((2, 3), (4, 5), (6, 7)))]}
+    for name, rs in rows.items():
+        (root / name).mkdir(parents=True)
+        (root / name / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs))
     alignlab("eval", "eval=math_suite", "eval.benchmarks=[gsm8k,amc23]", "eval.limit=3", "eval.samples=4",
-             "eval.log_samples=true", "generation.max_new_tokens=24", f"hydra.run.dir={out}")
+             "eval.log_samples=true", "generation.max_new_tokens=24", f"eval.root={root}", f"hydra.run.dir={out}")
     table = json.loads((out / "eval.json").read_text())
     assert set(table) == {"gsm8k", "amc23"}
     for name, m in table.items():
